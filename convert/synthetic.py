@@ -1,0 +1,288 @@
+"""Synthetic ModelOpt NVFP4 checkpoints, quantized exactly as ModelOpt does, for tests and the demo.
+
+Each variant writes a hub-style directory (config.json, hf_quant_config.json, a sharded
+model.safetensors with its index, a tokenizer file) whose MoE experts are NVFP4 and whose other
+tensors are BF16, FP8 per-tensor or (where the real model has them) non-expert NVFP4 linears.
+Shard boundaries fall inside layers, so one layer's experts span several files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from moepack.runtime import nvfp4
+from safetensors.torch import save_file
+
+VARIANTS = ("super", "nano", "gated")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Geometry of a synthetic model. `moe_hidden` differs from `hidden` only on latent MoE."""
+
+    variant: str
+    hidden: int
+    moe_hidden: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+    pattern: str  # one letter a layer: M mamba, * attention, E MoE
+    shards: int = 3
+    untied_gate_up: bool = False
+    seed: int = 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, c in enumerate(self.pattern) if c == "E"]
+
+
+def default_spec(variant: str, **overrides) -> SyntheticSpec:
+    """Tiny geometry whose intermediate size is not a multiple of the 256 padding tile."""
+    base = {
+        "super": SyntheticSpec("super", 96, 64, 80, 8, 2, "ME*E"),
+        "nano": SyntheticSpec("nano", 64, 64, 32, 6, 2, "EM*E"),
+        "gated": SyntheticSpec("gated", 64, 64, 48, 4, 2, "EE"),
+    }
+    if variant not in base:
+        raise ValueError(f"unknown synthetic variant {variant!r}; choose from {VARIANTS}")
+    return replace(base[variant], **overrides)
+
+
+def super_layer_spec(seed: int = 0) -> SyntheticSpec:
+    """One MoE layer of Nemotron 3 Super's real geometry (E=512, H=1024, n=2688)."""
+    return SyntheticSpec("super", 4096, 1024, 2688, 512, 22, "E", shards=4, seed=seed)
+
+
+def _prefix(spec: SyntheticSpec, layer: int) -> str:
+    if spec.variant == "gated":
+        return f"model.layers.{layer}.mlp"
+    return f"backbone.layers.{layer}.mixer"
+
+
+def _bf16(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * 0.05).to(torch.bfloat16)
+
+
+def _input_scale(g: torch.Generator, k: int) -> torch.Tensor:
+    """ModelOpt's activation scale, `amax / (6 * 448)`, from a calibration-like sample."""
+    sample = torch.randn(64, k, generator=g) * (0.5 + torch.rand((), generator=g))
+    return (sample.abs().amax() / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)).reshape(())
+
+
+def _nvfp4_linear(
+    g: torch.Generator, name: str, n: int, k: int, scale_2: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    weight = torch.randn(n, k, generator=g) * (0.02 + 0.03 * torch.rand((), generator=g))
+    # Heavy-tailed rows make block scales span a wide range, like real checkpoints.
+    weight = weight * torch.exp(torch.randn(n, 1, generator=g))
+    packed, block_scale, ws2 = nvfp4.quantize(weight, scale_2)
+    return {
+        f"{name}.weight": packed,
+        f"{name}.weight_scale": block_scale,
+        f"{name}.weight_scale_2": ws2.reshape(()),
+        f"{name}.input_scale": _input_scale(g, k),
+    }
+
+
+def _fp8_linear(g: torch.Generator, name: str, n: int, k: int) -> dict[str, torch.Tensor]:
+    weight = torch.randn(n, k, generator=g) * 0.05
+    scale = weight.abs().amax() / nvfp4.E4M3_MAX
+    return {
+        f"{name}.weight": (weight / scale).to(torch.float8_e4m3fn),
+        f"{name}.weight_scale": scale.reshape(()),
+        f"{name}.input_scale": _input_scale(g, k),
+    }
+
+
+def _experts(
+    g: torch.Generator, spec: SyntheticSpec, layer: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One expert's tensors at a time, so real geometry never holds a layer in float32."""
+    h, n = spec.moe_hidden, spec.intermediate
+    for e in range(spec.num_experts):
+        base = f"{_prefix(spec, layer)}.experts.{e}"
+        if spec.variant == "gated":
+            gate_w = torch.randn(n, h, generator=g) * 0.04
+            up_w = torch.randn(n, h, generator=g) * 0.04
+            tied = None
+            if not spec.untied_gate_up:
+                amax = torch.maximum(gate_w.abs().amax(), up_w.abs().amax())
+                tied = amax / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
+            out: dict[str, torch.Tensor] = {}
+            x_scale = _input_scale(g, h)
+            for proj, w in (("gate_proj", gate_w), ("up_proj", up_w)):
+                packed, sf, ws2 = nvfp4.quantize(w, tied)
+                out |= {
+                    f"{base}.{proj}.weight": packed,
+                    f"{base}.{proj}.weight_scale": sf,
+                    f"{base}.{proj}.weight_scale_2": ws2.reshape(()).clone(),
+                    f"{base}.{proj}.input_scale": x_scale.clone(),
+                }
+            out |= _nvfp4_linear(g, f"{base}.down_proj", h, n)
+            yield out
+        else:
+            yield _nvfp4_linear(g, f"{base}.up_proj", n, h) | _nvfp4_linear(
+                g, f"{base}.down_proj", h, n
+            )
+
+
+def _dense_tensors(g: torch.Generator, spec: SyntheticSpec) -> dict[str, torch.Tensor]:
+    """Non-expert tensors: embeddings, norms, routers, latent projections, mamba/attention."""
+    hid, vocab = spec.hidden, 256
+    t: dict[str, torch.Tensor] = {}
+    root = "model" if spec.variant == "gated" else "backbone"
+    t[f"{root}.embed_tokens.weight" if spec.variant == "gated" else f"{root}.embeddings.weight"] = (
+        _bf16(g, vocab, hid)
+    )
+    t["lm_head.weight"] = _bf16(g, vocab, hid)
+    t[f"{root}.norm.weight" if spec.variant == "gated" else f"{root}.norm_f.weight"] = _bf16(g, hid)
+    for layer, kind in enumerate(spec.pattern):
+        p = f"{root}.layers.{layer}"
+        mixer = f"{p}.mlp" if spec.variant == "gated" else f"{p}.mixer"
+        t[f"{p}.norm.weight"] = _bf16(g, hid)
+        # Nano quantizes every linear not excluded to NVFP4; Super keeps some in FP8.
+        side = _nvfp4_linear if spec.variant == "nano" else _fp8_linear
+        if kind == "M":
+            t |= side(g, f"{mixer}.in_proj", 2 * hid, hid)
+            t[f"{mixer}.out_proj.weight"] = _bf16(g, hid, hid)
+            t[f"{mixer}.A_log"] = torch.randn(4, generator=g)
+        elif kind == "*":
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                t[f"{mixer}.{proj}.weight"] = _bf16(g, hid, hid)
+        else:
+            t[f"{mixer}.gate.weight"] = _bf16(g, spec.num_experts, hid)
+            if spec.variant == "gated":
+                for proj in ("q_proj", "o_proj"):
+                    t |= _nvfp4_linear(g, f"{p}.self_attn.{proj}", hid, hid)
+                continue
+            t[f"{mixer}.gate.e_score_correction_bias"] = torch.randn(spec.num_experts, generator=g)
+            if spec.moe_hidden != spec.hidden:
+                t[f"{mixer}.fc1_latent_proj.weight"] = _bf16(g, spec.moe_hidden, hid)
+                t[f"{mixer}.fc2_latent_proj.weight"] = _bf16(g, hid, spec.moe_hidden)
+            shared = f"{mixer}.shared_experts"
+            t |= side(g, f"{shared}.up_proj", 2 * spec.intermediate, hid)
+            t |= _nvfp4_linear(g, f"{shared}.down_proj", hid, 2 * spec.intermediate)
+    return t
+
+
+def _configs(spec: SyntheticSpec, quantized: dict[str, str]) -> tuple[dict, dict]:
+    if spec.variant == "gated":
+        config = {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "hidden_size": spec.hidden,
+            "num_hidden_layers": len(spec.pattern),
+            "num_experts": spec.num_experts,
+            "num_experts_per_tok": spec.top_k,
+            "moe_intermediate_size": spec.intermediate,
+            "hidden_act": "silu",
+            "torch_dtype": "bfloat16",
+        }
+    else:
+        config = {
+            "architectures": ["NemotronHForCausalLM"],
+            "model_type": "nemotron_h",
+            "hidden_size": spec.hidden,
+            "num_hidden_layers": len(spec.pattern),
+            "hybrid_override_pattern": spec.pattern,
+            "n_routed_experts": spec.num_experts,
+            "num_experts_per_tok": spec.top_k,
+            "moe_intermediate_size": spec.intermediate,
+            "mlp_hidden_act": "relu2",
+            "torch_dtype": "bfloat16",
+        }
+        if spec.moe_hidden != spec.hidden:
+            config["moe_latent_size"] = spec.moe_hidden
+    producer = {"name": "modelopt", "version": "0.37.0"}
+    if spec.variant == "super":
+        quant = {
+            "quant_algo": "MIXED_PRECISION",
+            "kv_cache_quant_algo": None,
+            "quantized_layers": {
+                name: (
+                    {"quant_algo": "NVFP4", "group_size": 16}
+                    if algo == "NVFP4"
+                    else {"quant_algo": algo}
+                )
+                for name, algo in sorted(quantized.items())
+            },
+        }
+    else:
+        quant = {
+            "quant_algo": "NVFP4",
+            "kv_cache_quant_algo": None,
+            "group_size": 16,
+            "exclude_modules": [
+                "lm_head",
+                "*.gate",
+                "*mixer.out_proj",
+                "*q_proj",
+                "*k_proj",
+                "*v_proj",
+            ]
+            if spec.variant == "nano"
+            else ["lm_head", "*.gate", "*k_proj", "*v_proj"],
+        }
+    config["quantization_config"] = {"quant_method": "modelopt", **quant}
+    return config, {"producer": producer, "quantization": quant}
+
+
+def _quantized_modules(names: list[str]) -> dict[str, str]:
+    """Module -> quant algo, read off the tensor set (NVFP4 has weight_scale_2, FP8 does not)."""
+    mods: dict[str, str] = {}
+    for name in names:
+        if name.endswith(".weight_scale_2"):
+            mods[name.removesuffix(".weight_scale_2")] = "NVFP4"
+    for name in names:
+        if name.endswith(".input_scale"):
+            mods.setdefault(name.removesuffix(".input_scale"), "FP8")
+    return mods
+
+
+def write_checkpoint(out: Path, spec: SyntheticSpec) -> Path:
+    """Write the checkpoint to `out` (created); deterministic from `spec.seed`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(spec.seed)
+    dense = _dense_tensors(g, spec)
+    order: list[str] = list(dense)
+    expert_names: list[str] = []
+    shard_of: dict[str, int] = {}
+    # Names in layer order: each MoE layer's experts follow its dense tensors, so contiguous
+    # shards cut through layers the way real exports do.
+    buffers: list[dict[str, torch.Tensor]] = [dict() for _ in range(spec.shards)]
+    total_experts = len(spec.moe_layers) * spec.num_experts
+    done = 0
+    for layer in spec.moe_layers:
+        for tensors in _experts(g, spec, layer):
+            shard = min(spec.shards - 1, done * spec.shards // max(total_experts, 1))
+            for name, t in tensors.items():
+                buffers[shard][name] = t
+                shard_of[name] = shard
+            expert_names.extend(tensors)
+            done += 1
+    for i, name in enumerate(order):
+        shard = i * spec.shards // len(order)
+        buffers[shard][name] = dense[name]
+        shard_of[name] = shard
+    names = order + expert_names
+    files = [f"model-{i + 1:05d}-of-{spec.shards:05d}.safetensors" for i in range(spec.shards)]
+    total = 0
+    for i, tensors in enumerate(buffers):
+        save_file(tensors, str(out / files[i]), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {name: files[shard_of[name]] for name in sorted(names)},
+    }
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config, hf_quant = _configs(spec, _quantized_modules(names))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
+    return out

@@ -1,0 +1,1 @@
+"""Conversion recipes, one JSON file per supported model alias."""

@@ -1,0 +1,1 @@
+"""moepack runtime: the artifact format, verification and zero-copy loading (torch + safetensors only)."""
