@@ -63,13 +63,13 @@ class Geometry:
             specs["b12x.w2_sf"] = ("F8_E4M3", sf2)
         specs.update(
             {
-                "cutlass.fc1_act_global": ("F32", (1,)),
+                "cutlass.fc1_act_global": ("F32", ()),
                 "cutlass.fc1_alpha": ("F32", (e,)),
-                "cutlass.fc2_act_global": ("F32", (1,)),
+                "cutlass.fc2_act_global": ("F32", ()),
                 "cutlass.fc2_alpha": ("F32", (e,)),
                 "b12x.w1_alpha": ("F32", (e,)),
                 "b12x.w2_alpha": ("F32", (e,)),
-                "b12x.fc2_input_scale": ("F32", (1,)),
+                "b12x.fc2_input_scale": ("F32", ()),
             }
         )
         if b12x_mode == "shared":

@@ -6,7 +6,8 @@ The kernels quantize each activation with one scale per layer, the max over expe
 `a13 = max_e s13[e]`, `a2 = max_e s2[e]`. A GEMM output is `alpha[e] * sum(x_q * w_q)` where
 `x_q`, `w_q` are E2M1 codes times their E4M3 block scales, so `alpha[e] = a * ws2[e]`.
 
-All results are float32, contiguous; per-expert vectors are `[E]`, layer scalars `[1]`.
+All results are float32, contiguous; per-expert vectors are `[E]`, layer scalars 0-d: CUTLASS
+rejects a `[1]` activation scale when E > 1 (it reads 1-D as per-expert).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def activation_scale(input_scales: torch.Tensor) -> torch.Tensor:
-    """One activation scale for a layer: `max_e input_scale[e]`, shape `[1]`."""
-    return _f32(input_scales).amax().reshape(1)
+    """One activation scale for a layer: `max_e input_scale[e]`, 0-d."""
+    return _f32(input_scales).amax()
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,9 @@ class CutlassScalars:
     """FlashInfer `cutlass_fused_moe` NVFP4 scalars; `quant_scales` is
     `[fc1_act_global, w13_sf, fc1_alpha, fc2_act_global, w2_sf, fc2_alpha]`."""
 
-    fc1_act_global: torch.Tensor  # [1]  = 1 / a13
+    fc1_act_global: torch.Tensor  # 0-d  = 1 / a13
     fc1_alpha: torch.Tensor  # [E]  = a13 * ws2_13
-    fc2_act_global: torch.Tensor  # [1]  = 1 / a2
+    fc2_act_global: torch.Tensor  # 0-d  = 1 / a2
     fc2_alpha: torch.Tensor  # [E]  = a2 * ws2_2
 
 
@@ -60,8 +61,8 @@ class B12xScalars:
 
     w1_alpha: torch.Tensor  # [E]
     w2_alpha: torch.Tensor  # [E]
-    fc2_input_scale: torch.Tensor  # [1]
-    input_global_scale: torch.Tensor | None  # [1] or None
+    fc2_input_scale: torch.Tensor  # 0-d
+    input_global_scale: torch.Tensor | None  # 0-d or None
 
 
 def b12x_baked_scalars(s13: torch.Tensor, s2: torch.Tensor, num_experts: int) -> B12xScalars:
