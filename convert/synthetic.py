@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from moepack.runtime import nvfp4
 from safetensors.torch import save_file
+
+from moepack.runtime import nvfp4
 
 VARIANTS = ("super", "nano", "gated")
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
 from moepack.runtime.format import ALIGNMENT, PAD_PREFIX, aligned
 
 TMP_SUFFIX = ".moepack-tmp"
+COPY_CHUNK = 16 << 20
 
 _ST_DTYPES = {
     torch.uint8: "U8",
@@ -92,26 +94,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+@dataclass(frozen=True)
+class Blob:
+    """A tensor to write: its safetensors dtype and shape, and its bytes as a chunk iterator.
+
+    Lets pass-through tensors go from a source file to the artifact as raw byte ranges, in any
+    dtype, without materializing them in torch.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    chunks: Callable[[], Iterable[bytes | memoryview]]
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Blob:
+        flat = t.detach().contiguous().reshape(-1)
+        view = memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel() else b""
+        return cls(_ST_DTYPES[t.dtype], tuple(t.shape), len(view), lambda: (view,))
+
+    @classmethod
+    def file_range(cls, path: Path, dtype: str, shape: tuple[int, ...], start: int, end: int) -> Blob:
+        def chunks() -> Iterable[bytes]:
+            with open(path, "rb") as f:
+                f.seek(start)
+                left = end - start
+                while left:
+                    block = f.read(min(left, COPY_CHUNK))
+                    if not block:
+                        raise OSError(f"{path}: ends before byte {end}")
+                    left -= len(block)
+                    yield block
+
+        return cls(dtype, shape, end - start, chunks)
 
 
 def safetensors_header(
-    tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
-) -> tuple[bytes, list[tuple[str, torch.Tensor | int]]]:
+    blobs: Iterable[tuple[str, Blob]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[tuple[str, Blob | int]]]:
     """Header bytes (length prefix included) and the data plan, every tensor 4 KiB aligned.
 
-    The plan lists `(name, tensor)` in file order, with `(pad_name, nbytes)` fillers where a
+    The plan lists `(name, blob)` in file order, with `(pad_name, nbytes)` fillers where a
     tensor's end is not aligned; the header is padded with spaces so data starts aligned too.
     """
     entries: dict[str, Any] = {}
     if metadata:
         entries["__metadata__"] = dict(metadata)
-    plan: list[tuple[str, torch.Tensor | int]] = []
+    plan: list[tuple[str, Blob | int]] = []
     offset = 0
     pads = 0
-    for name, t in tensors:
+    for name, blob in blobs:
         if name.startswith(PAD_PREFIX):
             raise ValueError(f"tensor name {name!r} uses the reserved prefix {PAD_PREFIX!r}")
         gap = aligned(offset) - offset
@@ -121,14 +153,13 @@ def safetensors_header(
             entries[pad] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
             plan.append((pad, gap))
             offset += gap
-        nbytes = t.numel() * t.element_size()
         entries[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
+            "dtype": blob.dtype,
+            "shape": list(blob.shape),
+            "data_offsets": [offset, offset + blob.nbytes],
         }
-        plan.append((name, t))
-        offset += nbytes
+        plan.append((name, blob))
+        offset += blob.nbytes
     body = json.dumps(entries, separators=(",", ":")).encode()
     header_len = aligned(8 + len(body)) - 8
     header = header_len.to_bytes(8, "little") + body + b" " * (header_len - len(body))
@@ -138,11 +169,12 @@ def safetensors_header(
 def write_safetensors(
     root: Path,
     relpath: str,
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor | Blob]],
     metadata: dict[str, str] | None = None,
 ) -> WrittenFile:
     """Write an aligned safetensors file atomically, hashing as it goes (no second read)."""
-    header, plan = safetensors_header(tensors, metadata)
+    blobs = [(n, t if isinstance(t, Blob) else Blob.of(t)) for n, t in tensors]
+    header, plan = safetensors_header(blobs, metadata)
     listing = json.loads(header[8:].decode())
     listing.pop("__metadata__", None)
     zeros = bytes(ALIGNMENT)
@@ -152,16 +184,17 @@ def write_safetensors(
         for _, item in plan:
             if isinstance(item, int):
                 out.write(zeros[:item])
-            elif item.numel():
-                out.write(_tensor_bytes(item))
+                continue
+            for chunk in item.chunks():
+                out.write(chunk)
     return WrittenFile(relpath, out.size, out.h.hexdigest(), listing)
 
 
-def copy_file(src: Path, root: Path, relpath: str, chunk: int = 16 << 20) -> WrittenFile:
+def copy_file(src: Path, root: Path, relpath: str) -> WrittenFile:
     """Copy a pass-through file byte for byte, atomically, hashing as it goes."""
     with open(src, "rb") as fin, atomic_open(root / relpath) as f:
         out = _HashingWriter(f)
-        while block := fin.read(chunk):
+        while block := fin.read(COPY_CHUNK):
             out.write(block)
     return WrittenFile(relpath, out.size, out.h.hexdigest())
 

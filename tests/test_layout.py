@@ -11,6 +11,7 @@ from flashinfer.fused_moe.cute_dsl.blackwell_sm12x.moe_w4a16_fp4_helpers import 
     swizzle_block_scale,
 )
 from flashinfer.fused_moe.cute_dsl.blackwell_sm12x.moe_w4a16_host import unswizzle_block_scale
+
 from moepack.runtime import layout
 
 SHAPES = [(1, 1, 1), (2, 128, 4), (3, 130, 5), (2, 257, 64), (1, 96, 7), (4, 33, 12), (2, 384, 66)]

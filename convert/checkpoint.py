@@ -1,0 +1,162 @@
+"""Reading a hub-style ModelOpt checkpoint directory: config, quant config, tensor index, tensors."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from moepack.runtime.safetensors_header import Header, HeaderError, read_header
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+QUANT_CONFIG = "hf_quant_config.json"
+SUPPORTED_ALGOS = ("NVFP4", "MIXED_PRECISION")
+PASS_THROUGH_MAX = 64 << 20
+"""Non-weight files up to this size (config, tokenizer, chat template, custom code) pass through."""
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is not a readable ModelOpt NVFP4 checkpoint; the message names the file."""
+
+
+class UnsupportedModel(CheckpointError):
+    """A readable checkpoint that moepack cannot convert (refused before weights are fetched)."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which modules are NVFP4, from `hf_quant_config.json` or `config.json:quantization_config`."""
+
+    algo: str
+    group_size: int
+    quantized_layers: dict[str, str] = field(default_factory=dict)
+    exclude_modules: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any], where: str) -> QuantConfig:
+        algo = str(obj.get("quant_algo") or "").upper()
+        if algo not in SUPPORTED_ALGOS:
+            raise UnsupportedModel(
+                f"{where}: quant_algo {obj.get('quant_algo')!r} is not NVFP4 or MIXED_PRECISION"
+            )
+        layers = {
+            name: str((spec or {}).get("quant_algo", "")).upper()
+            for name, spec in (obj.get("quantized_layers") or {}).items()
+        }
+        sizes = {int(obj.get("group_size") or 16)} | {
+            int(spec.get("group_size", 16))
+            for spec in (obj.get("quantized_layers") or {}).values()
+            if isinstance(spec, dict) and str(spec.get("quant_algo", "")).upper() == "NVFP4"
+        }
+        if sizes != {16}:
+            raise UnsupportedModel(f"{where}: NVFP4 group_size {sorted(sizes)} (only 16 is NVFP4)")
+        if algo == "MIXED_PRECISION" and "NVFP4" not in layers.values():
+            raise UnsupportedModel(f"{where}: MIXED_PRECISION config lists no NVFP4 module")
+        return cls(algo, 16, layers, tuple(obj.get("exclude_modules") or ()))
+
+    def is_nvfp4(self, module: str) -> bool:
+        if self.algo == "MIXED_PRECISION":
+            return self.quantized_layers.get(module) == "NVFP4"
+        return not any(fnmatch.fnmatchcase(module, pat) for pat in self.exclude_modules)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj
+
+
+def load_quant_config(root: Path, config: dict[str, Any]) -> QuantConfig:
+    """`hf_quant_config.json` when present (ModelOpt's own file), else `config.json`'s copy."""
+    path = Path(root) / QUANT_CONFIG
+    if path.exists():
+        obj = read_json(path)
+        return QuantConfig.parse(obj.get("quantization", obj), str(path))
+    if isinstance(config.get("quantization_config"), dict):
+        return QuantConfig.parse(config["quantization_config"], f"{root}/config.json")
+    raise UnsupportedModel(f"{root}: no {QUANT_CONFIG} and no quantization_config in config.json")
+
+
+def is_pass_through(name: str, size: int) -> bool:
+    """Model files that travel with the artifact unchanged (weights are handled separately)."""
+    top = name.split("/")[0]
+    return (
+        not top.startswith(".")
+        and not name.endswith(_WEIGHT_SUFFIXES)
+        and name != INDEX
+        and size <= PASS_THROUGH_MAX
+    )
+
+
+class Checkpoint:
+    """A local checkpoint directory; tensors are read lazily, one safetensors handle per shard."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise CheckpointError(f"{self.root}: not a directory")
+        self.config = read_json(self.root / "config.json")
+        self.quant = load_quant_config(self.root, self.config)
+        self.weight_map = self._weight_map()
+        self._headers: dict[str, Header] = {}
+        self._handles: dict[str, Any] = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        if (self.root / INDEX).exists():
+            weight_map = read_json(self.root / INDEX).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{self.root / INDEX}: no weight_map")
+            return {str(k): str(v) for k, v in weight_map.items()}
+        if (self.root / SINGLE).exists():
+            return dict.fromkeys(self.header(SINGLE).tensors, SINGLE)
+        raise CheckpointError(f"{self.root}: neither {INDEX} nor {SINGLE}")
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def header(self, shard: str) -> Header:
+        if shard not in self._headers:
+            try:
+                self._headers[shard] = read_header(self.root / shard)
+            except HeaderError as exc:
+                raise CheckpointError(str(exc)) from None
+        return self._headers[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor; errors name the shard and tensor."""
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"{self.root}: tensor {name!r} is not in the checkpoint index")
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"{self.root / shard}: cannot open: {exc}") from None
+        try:
+            return self._handles[shard].get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"{self.root / shard}: tensor {name!r}: {exc}") from None
+
+    def pass_through_files(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.root))
+            for p in self.root.rglob("*")
+            if p.is_file() and is_pass_through(str(p.relative_to(self.root)), p.stat().st_size)
+        )
+
+    def close(self) -> None:
+        self._handles.clear()
