@@ -75,7 +75,9 @@ def nvfp4_modules(names: Iterable[str], quant: QuantConfig) -> set[str]:
     return {m for m, parts in present.items() if parts == set(NVFP4_PARTS) and quant.is_nvfp4(m)}
 
 
-def find_moe_layers(names: Iterable[str], quant: QuantConfig, config: dict[str, Any]) -> list[MoELayer]:
+def find_moe_layers(
+    names: Iterable[str], quant: QuantConfig, config: dict[str, Any]
+) -> list[MoELayer]:
     """Group NVFP4 expert linears into layers; check expert numbering and projection sets."""
     groups: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for module in nvfp4_modules(names, quant):
@@ -100,14 +102,18 @@ def _natural(item: tuple[str, Any]) -> list[Any]:
 def _layer(prefix: str, experts: dict[int, set[str]], ordinal: int) -> MoELayer:
     if sorted(experts) != list(range(len(experts))):
         missing = sorted(set(range(max(experts) + 1)) - set(experts))
-        raise UnsupportedModel(f"{prefix}: experts {missing[:8]} missing (expected 0..{max(experts)})")
+        raise UnsupportedModel(
+            f"{prefix}: experts {missing[:8]} missing (expected 0..{max(experts)})"
+        )
     proj_sets = {frozenset(p) for p in experts.values()}
     if len(proj_sets) != 1:
         odd = next(e for e, p in experts.items() if frozenset(p) != max(proj_sets, key=len))
         raise UnsupportedModel(f"{prefix}.{odd}: projections differ from the other experts")
     projs = {PROJ_ROLES[p]: p for p in next(iter(proj_sets))}
     if set(projs) not in ({"up", "down"}, {"gate", "up", "down"}):
-        raise UnsupportedModel(f"{prefix}: expert projections {sorted(projs.values())} are not an MLP")
+        raise UnsupportedModel(
+            f"{prefix}: expert projections {sorted(projs.values())} are not an MLP"
+        )
     m = _LAYER.search(prefix)
     return MoELayer(int(m.group(1)) if m else ordinal, prefix, len(experts), projs)
 

@@ -53,7 +53,9 @@ def geometry_of(get: Callable[[str], torch.Tensor], moe: MoELayer) -> Geometry:
             f"up_proj {tuple(up.shape)} (expected [{hidden}, {n // 2}])"
         )
     if hidden % 16 or n % 16:
-        raise CheckpointError(f"{moe.prefix}: hidden {hidden} and intermediate {n} must be multiples of 16")
+        raise CheckpointError(
+            f"{moe.prefix}: hidden {hidden} and intermediate {n} must be multiples of 16"
+        )
     return Geometry(moe.num_experts, hidden, n, layout.padded_intermediate(n), moe.gated)
 
 
@@ -74,7 +76,9 @@ def _expert_part(
     w_name, s_name = moe.tensor(e, role, "weight"), moe.tensor(e, role, "weight_scale")
     w, sf = get(w_name), get(s_name)
     if w.dtype != torch.uint8 or tuple(w.shape) != (rows, k // 2):
-        raise CheckpointError(f"{w_name}: expected uint8 [{rows}, {k // 2}], got {w.dtype}{list(w.shape)}")
+        raise CheckpointError(
+            f"{w_name}: expected uint8 [{rows}, {k // 2}], got {w.dtype}{list(w.shape)}"
+        )
     if sf.dtype != torch.float8_e4m3fn or tuple(sf.shape) != (rows, k // 16):
         raise CheckpointError(
             f"{s_name}: expected float8_e4m3fn [{rows}, {k // 16}], got {sf.dtype}{list(sf.shape)}"
@@ -162,7 +166,9 @@ def _rel_errors(payload: torch.Tensor, got: torch.Tensor, ref: torch.Tensor) -> 
     return torch.cat(out)
 
 
-def convert_layer(get: Callable[[str], torch.Tensor], moe: MoELayer, geo: Geometry, mode: str) -> LayerResult:
+def convert_layer(
+    get: Callable[[str], torch.Tensor], moe: MoELayer, geo: Geometry, mode: str
+) -> LayerResult:
     """All tensors of one layer file, in `Geometry.tensor_specs` order, plus fidelity figures."""
     n_p = geo.intermediate_padded
     fc1_roles = ("up", "gate") if geo.gated else ("up",)
@@ -206,10 +212,10 @@ def convert_layer(get: Callable[[str], torch.Tensor], moe: MoELayer, geo: Geomet
     }
     if b12x.input_global_scale is not None:
         tensors["b12x.input_global_scale"] = b12x.input_global_scale
-    b12x_err = torch.cat(
-        [_rel_errors(fc1.payload, b13, fc1.src_scale), _rel_errors(w2, b2, src2)]
+    b12x_err = torch.cat([_rel_errors(fc1.payload, b13, fc1.src_scale), _rel_errors(w2, b2, src2)])
+    requant_err = (
+        _rel_errors(fc1.payload, stored13, fc1.src_scale) if requantized else torch.zeros(1)
     )
-    requant_err = _rel_errors(fc1.payload, stored13, fc1.src_scale) if requantized else torch.zeros(1)
     fidelity = {
         "b12x_max_rel_err": float(b12x_err.max()),
         "b12x_mean_rel_err": float(b12x_err.mean()),

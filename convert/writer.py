@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from moepack.runtime.format import ALIGNMENT, PAD_PREFIX, aligned
+from moepack.runtime.format import ALIGNMENT, PAD_PREFIX
 
 TMP_SUFFIX = ".moepack-tmp"
 COPY_CHUNK = 16 << 20
@@ -114,7 +114,9 @@ class Blob:
         return cls(_ST_DTYPES[t.dtype], tuple(t.shape), len(view), lambda: (view,))
 
     @classmethod
-    def file_range(cls, path: Path, dtype: str, shape: tuple[int, ...], start: int, end: int) -> Blob:
+    def file_range(
+        cls, path: Path, dtype: str, shape: tuple[int, ...], start: int, end: int
+    ) -> Blob:
         def chunks() -> Iterable[bytes]:
             with open(path, "rb") as f:
                 f.seek(start)
@@ -130,13 +132,16 @@ class Blob:
 
 
 def safetensors_header(
-    blobs: Iterable[tuple[str, Blob]], metadata: dict[str, str] | None = None
+    blobs: Iterable[tuple[str, Blob]], metadata: dict[str, str] | None = None, align: bool = True
 ) -> tuple[bytes, list[tuple[str, Blob | int]]]:
-    """Header bytes (length prefix included) and the data plan, every tensor 4 KiB aligned.
+    """Header bytes (length prefix included) and the data plan.
 
-    The plan lists `(name, blob)` in file order, with `(pad_name, nbytes)` fillers where a
-    tensor's end is not aligned; the header is padded with spaces so data starts aligned too.
+    With `align`, every tensor starts 4 KiB aligned: the plan lists `(name, blob)` in file order
+    with `(pad_name, nbytes)` fillers where a tensor's end is not aligned, and the header is
+    padded with spaces so data starts aligned too. Without it (pass-through shards, which other
+    loaders read and must not see fillers in), tensors are packed and the header padded to 8.
     """
+    boundary = ALIGNMENT if align else 1
     entries: dict[str, Any] = {}
     if metadata:
         entries["__metadata__"] = dict(metadata)
@@ -146,7 +151,7 @@ def safetensors_header(
     for name, blob in blobs:
         if name.startswith(PAD_PREFIX):
             raise ValueError(f"tensor name {name!r} uses the reserved prefix {PAD_PREFIX!r}")
-        gap = aligned(offset) - offset
+        gap = -offset % boundary
         if gap:
             pad = f"{PAD_PREFIX}{pads}"
             pads += 1
@@ -161,7 +166,7 @@ def safetensors_header(
         plan.append((name, blob))
         offset += blob.nbytes
     body = json.dumps(entries, separators=(",", ":")).encode()
-    header_len = aligned(8 + len(body)) - 8
+    header_len = len(body) + (-(8 + len(body)) % (ALIGNMENT if align else 8))
     header = header_len.to_bytes(8, "little") + body + b" " * (header_len - len(body))
     return header, plan
 
@@ -171,10 +176,11 @@ def write_safetensors(
     relpath: str,
     tensors: Iterable[tuple[str, torch.Tensor | Blob]],
     metadata: dict[str, str] | None = None,
+    align: bool = True,
 ) -> WrittenFile:
-    """Write an aligned safetensors file atomically, hashing as it goes (no second read)."""
+    """Write a safetensors file atomically, hashing as it goes (no second read)."""
     blobs = [(n, t if isinstance(t, Blob) else Blob.of(t)) for n, t in tensors]
-    header, plan = safetensors_header(blobs, metadata)
+    header, plan = safetensors_header(blobs, metadata, align)
     listing = json.loads(header[8:].decode())
     listing.pop("__metadata__", None)
     zeros = bytes(ALIGNMENT)
@@ -199,7 +205,9 @@ def copy_file(src: Path, root: Path, relpath: str) -> WrittenFile:
     return WrittenFile(relpath, out.size, out.h.hexdigest())
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (sorted keys would reorder the manifest: insertion order is kept)."""
-    with atomic_open(path) as f:
-        f.write((json.dumps(obj, indent=2) + "\n").encode())
+def write_json(root: Path, relpath: str, obj: Any) -> WrittenFile:
+    """Write JSON atomically (insertion order kept: the manifest's key order is part of the spec)."""
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    with atomic_open(root / relpath) as f:
+        f.write(data)
+    return WrittenFile(relpath, len(data), hashlib.sha256(data).hexdigest())

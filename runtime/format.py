@@ -73,7 +73,7 @@ class Geometry:
             }
         )
         if b12x_mode == "shared":
-            specs["b12x.input_global_scale"] = ("F32", (1,))
+            specs["b12x.input_global_scale"] = ("F32", ())
         return specs
 
     @classmethod

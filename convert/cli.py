@@ -1,0 +1,210 @@
+"""The `moepack` command line: convert, verify, inspect, recipes, demo.
+
+Exit codes: 0 success; 1 a check failed (verify found mismatches, demo outputs disagreed);
+2 the input is unusable or the call is wrong (click's own usage errors are 2 as well).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moepack import __version__
+from moepack.runtime.format import B12X_MODES, TARGETS
+
+from .checkpoint import CheckpointError
+
+log = logging.getLogger("moepack")
+
+
+def _setup(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _show_progress(as_json: bool) -> bool:
+    return not as_json and sys.stderr.isatty()
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def _fail(message: str, as_json: bool, code: int = 2) -> None:
+    if as_json:
+        _emit({"ok": False, "error": message})
+    else:
+        click.echo(f"moepack: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moepack")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Convert NVFP4 MoE checkpoints offline for SM12x kernels, verify and inspect artifacts."""
+    _setup(verbose)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--target", type=click.Choice(TARGETS), required=True, help="GPU family to serve on.")
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="Artifact directory."
+)
+@click.option("--revision", help="Hub branch, tag or commit (default: the recipe's, else main).")
+@click.option(
+    "--b12x-scales",
+    type=click.Choice(B12X_MODES),
+    default="baked",
+    show_default=True,
+    help="baked: TensorRT-LLM's b12x backend (lossy); shared: exact, reuses CUTLASS scales.",
+)
+@click.option("--moe-only", is_flag=True, help="Write only the MoE layers (no pass-through files).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished artifact at --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def convert(
+    source: str,
+    target: str,
+    out: Path,
+    revision: str | None,
+    b12x_scales: str,
+    moe_only: bool,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Convert SOURCE (recipe alias, hub repo id or local directory) into an artifact."""
+    from .hub import HubError
+    from .pipeline import ConvertError, convert_checkpoint
+
+    try:
+        summary = convert_checkpoint(
+            source,
+            out,
+            target=target,
+            b12x_scales=b12x_scales,
+            moe_only=moe_only,
+            revision=revision,
+            overwrite=overwrite,
+            progress=_show_progress(as_json),
+        )
+    except (CheckpointError, ConvertError, HubError, OSError) as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit({"ok": True, **summary})
+        return
+    click.echo(
+        f"converted {summary['moe_layers']} MoE layers -> {summary['artifact']} "
+        f"({summary['bytes'] / 1e9:.2f} GB, {summary['seconds']:.1f} s, "
+        f"b12x {summary['b12x_scale_mode']}: max rel err {summary['b12x_max_rel_err']:.4f})"
+    )
+    if summary["gate_up_requantized_experts"]:
+        click.echo(
+            f"note: {summary['gate_up_requantized_experts']} experts had unequal gate/up "
+            "weight_scale_2; the smaller half's block scales were requantized (see inspect)"
+        )
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="Structure, headers and sizes; no hashing.")
+@click.option("--jobs", type=click.IntRange(1), help="Files hashed in parallel (default: cores).")
+@click.option("--source", "source", help="Also re-derive sampled layers from this checkpoint.")
+@click.option(
+    "--sample",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Layers re-derived with --source.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+def verify(
+    artifact: Path, quick: bool, jobs: int | None, source: str | None, sample: int, as_json: bool
+) -> None:
+    """Check every byte of ARTIFACT against its manifest."""
+    from moepack.runtime.verify import verify_artifact
+
+    report = verify_artifact(artifact, quick=quick, jobs=jobs, progress=_show_progress(as_json))
+    extra: list[str] = []
+    if source and report.exit_code == 0:
+        from .crosscheck import crosscheck
+
+        extra = crosscheck(artifact, source, sample=sample)
+    code = report.exit_code or (1 if extra else 0)
+    if as_json:
+        _emit({**report.to_dict(), "source_mismatches": extra, "exit_code": code})
+    else:
+        click.echo(report.format_text())
+        for line in extra:
+            click.echo(f"source: {line}")
+        if source and not extra and report.exit_code == 0:
+            click.echo(f"source: sampled layers re-derived from {source} match")
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Describe ARTIFACT: source, target, geometry, layers, scale mode, sizes, fidelity."""
+    from moepack.runtime.format import ManifestError
+    from moepack.runtime.inspect import describe, format_description
+
+    try:
+        info = describe(artifact)
+    except ManifestError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(info)
+    else:
+        click.echo(format_description(info))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def recipes(as_json: bool) -> None:
+    """List the model aliases `convert` accepts."""
+    from .recipes import recipes as all_recipes
+
+    found = all_recipes()
+    if as_json:
+        _emit(found)
+        return
+    for alias, r in sorted(found.items()):
+        click.echo(f"{alias:24} {r['repo_id']}@{r.get('revision', 'main')}")
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(path_type=Path),
+    help="Keep the checkpoint and artifact here (default: a temporary directory).",
+)
+@click.option(
+    "--variant",
+    type=click.Choice(["super", "nano", "gated"]),
+    default="super",
+    show_default=True,
+    help="Synthetic checkpoint to build.",
+)
+@click.option("--b12x-scales", type=click.Choice(B12X_MODES), default="shared", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def demo(workdir: Path | None, variant: str, b12x_scales: str, as_json: bool) -> None:
+    """Offline end to end: synthetic checkpoint -> convert -> verify -> load -> forward."""
+    from .demo import run_demo
+
+    result = run_demo(
+        workdir, variant=variant, b12x_scales=b12x_scales, progress=_show_progress(as_json)
+    )
+    if as_json:
+        _emit(result)
+    else:
+        click.echo(result["text"])
+    sys.exit(0 if result["ok"] else 1)

@@ -1,0 +1,335 @@
+"""Hub client for moepack: pinned, verified, resumable downloads on top of ``huggingface_hub``.
+
+Why not plain ``hf_hub_download``: with huggingface_hub 2.4.0 it (a) never checks a file's sha256,
+so a corrupted blob is cached under its advertised hash and served forever, and (b) cannot resume
+across calls: its ``.incomplete`` file is unique per attempt and deleted on failure. Within one
+call it does retry a cut transfer with ``Range`` (10 MiB granularity).
+
+What this module adds:
+
+* The revision is resolved once to a commit and every download is pinned to it, so a branch
+  that moves mid-conversion cannot mix two revisions.
+* Every fetched file is hashed and compared with the Hub listing (LFS sha256, or the git blob
+  sha1 for small files). A mismatch gets one forced refetch, then a ``HubError``; a bad blob is
+  evicted from the cache so nothing serves it later.
+* Cross-call resume for LFS files served over plain HTTP: bytes go to
+  ``blobs/<sha256>.part`` in the standard cache, which survives a killed process; the next call
+  asks for ``Range: bytes=<size of .part>-``. The finished file is moved to ``blobs/<sha256>``
+  (the name ``hf_hub_download`` looks for), which then only links it into the snapshot. Files
+  that ``hf_xet`` would fetch (Xet-backed, hf_xet installed), small files and forced refetches
+  go through ``hf_hub_download`` unchanged, so they resume only within one call.
+
+Tokens: ``token=None`` lets huggingface_hub read ``HF_TOKEN`` (or the stored login). The token
+is kept out of ``repr``, ``dataclasses.asdict``/``to_dict`` and every error message, and this
+module never writes it anywhere. HF_HOME/HF_ENDPOINT/HF_HUB_OFFLINE are read by
+huggingface_hub at import time; explicit ``endpoint=``/``cache_dir=`` override them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from dataclasses import InitVar, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_hf_file_metadata,
+    get_token,
+    hf_hub_download,
+    hf_hub_url,
+)
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.file_download import http_get, is_xet_available, repo_folder_name
+from huggingface_hub.utils import WeakFileLock, build_hf_headers
+from tqdm import tqdm
+
+__all__ = ["HubError", "HubRepo", "RemoteFile", "open_repo"]
+
+_HASH_BLOCK = 8 * 1024 * 1024
+
+
+class HubError(RuntimeError):
+    """A Hub failure explained for the CLI: names the repo/revision/file, never the token."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of the repo listing at the resolved commit."""
+
+    path: str
+    size: int
+    sha256: str | None  # LFS oid; None for files stored directly in git
+    blob_id: str | None  # git object id (of the LFS pointer for LFS files)
+
+
+@dataclass
+class HubRepo:
+    """A Hub repo pinned to one commit; ``fetch`` downloads and verifies files of it."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    endpoint: str
+    cache_dir: Path
+    files: dict[str, RemoteFile]
+    token: InitVar[str | bool | None] = None  # kept out of fields: no repr, no asdict
+    _sha256: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self, token: str | bool | None) -> None:
+        self._token = token
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the manifest records about the source (no token, no local paths)."""
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "files": {
+                name: {"size": self.files[name].size, "sha256": sha}
+                for name, sha in sorted(self._sha256.items())
+            },
+        }
+
+    def sha256_of(self, filename: str) -> str:
+        """The verified sha256 of a file fetched by this object."""
+        if filename not in self._sha256:
+            raise HubError(f"{self._where(filename)} has not been fetched yet")
+        return self._sha256[filename]
+
+    def fetch(self, filenames: list[str], *, progress: bool = False) -> dict[str, Path]:
+        """Download (or reuse from cache) and verify ``filenames``; return their local paths.
+
+        One byte-level progress bar on stderr spans all files (``progress=True``). See the module
+        docstring for what resumes across calls and what only within one call.
+        """
+        missing = [name for name in filenames if name not in self.files]
+        if missing:
+            raise HubError(f"{self._where(missing[0])}: no such file in the repo listing")
+        total = sum(self.files[name].size for name in filenames if name not in self._sha256)
+        bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"download {self.repo_id}",
+            file=sys.stderr,
+            disable=not progress,
+        )
+        with bar:
+            return {name: self._fetch_one(self.files[name], bar) for name in filenames}
+
+    # ------------------------------------------------------------------ internals
+    def _where(self, filename: str) -> str:
+        return f"'{filename}' of {self.repo_id}@{self.revision} ({self.commit[:12]})"
+
+    @property
+    def _storage(self) -> Path:
+        return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type="model")
+
+    def _fetch_one(self, rf: RemoteFile, bar: tqdm) -> Path:
+        """Download, verify, and on mismatch evict and refetch once with force_download."""
+        if rf.path in self._sha256:
+            return self._pointer(rf)
+        for force in (False, True):
+            path = self._download(rf, bar, force=force)
+            sha256, ok = _verify(path, rf)
+            if ok:
+                self._sha256[rf.path] = sha256
+                return path
+            self._evict(rf, path)
+        expected = rf.sha256 or f"git blob {rf.blob_id}"
+        raise HubError(
+            f"{self._where(rf.path)} is corrupted after a forced re-download: expected "
+            f"sha256 {expected}, got {sha256}; the bad copy was removed from the cache"
+        )
+
+    def _download(self, rf: RemoteFile, bar: tqdm, *, force: bool) -> Path:
+        """One attempt: resumable transfer of LFS blobs, then hf_hub_download to link/fetch."""
+        try:
+            if rf.sha256 is not None and not force:
+                self._resume_lfs_blob(rf, bar)
+            path = hf_hub_download(
+                self.repo_id,
+                rf.path,
+                revision=self.commit,
+                cache_dir=self.cache_dir,
+                endpoint=self.endpoint,
+                token=self._token,
+                force_download=force,
+                tqdm_class=functools.partial(_ForwardBar, bar),  # type: ignore[arg-type]
+            )
+        except Exception as err:  # every failure becomes one readable HubError
+            raise HubError(
+                _scrub(f"cannot download {self._where(rf.path)}: {_explain(err)}", self._token)
+            ) from err
+        return Path(path)
+
+    def _resume_lfs_blob(self, rf: RemoteFile, bar: tqdm) -> None:
+        """Fill ``blobs/<sha256>`` from a persistent ``.part`` file, resuming where it stopped."""
+        assert rf.sha256 is not None
+        blob = self._storage / "blobs" / rf.sha256
+        if blob.exists():
+            return
+        url = hf_hub_url(self.repo_id, rf.path, revision=self.commit, endpoint=self.endpoint)
+        meta = get_hf_file_metadata(url, token=self._token, endpoint=self.endpoint)
+        if meta.etag != rf.sha256 or (meta.xet_file_data is not None and is_xet_available()):
+            return  # not where hf_hub_download would look, or hf_xet's job: leave it to it
+        part = blob.with_name(f"{rf.sha256}.part")
+        lock = self.cache_dir / ".locks" / self._storage.name / f"{rf.sha256}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(lock):
+            if blob.exists():
+                return
+            done = part.stat().st_size if part.exists() else 0
+            if done > rf.size:
+                part.unlink()
+                done = 0
+            bar.update(done)
+            # Follows the 302 to the CDN; httpx drops Authorization on the cross-origin hop.
+            with part.open("ab") as f:
+                http_get(
+                    url,
+                    f,
+                    resume_size=done,
+                    headers=build_hf_headers(token=self._token),
+                    expected_size=rf.size,
+                    tqdm_class=functools.partial(_ForwardBar, bar),  # type: ignore[arg-type]
+                )
+            os.replace(part, blob)  # verified by the caller; evicted there if wrong
+
+    def _pointer(self, rf: RemoteFile) -> Path:
+        return self._storage / "snapshots" / self.commit / Path(*rf.path.split("/"))
+
+    def _evict(self, rf: RemoteFile, path: Path) -> None:
+        """Remove a bad file's snapshot entry, its blob and any partial transfer."""
+        blobs = self._storage / "blobs"
+        etag = rf.sha256 or rf.blob_id
+        doomed = [path]
+        if etag is not None:
+            doomed += [blobs / etag, blobs / f"{etag}.part"]
+        target = Path(os.path.realpath(path))
+        if target.is_relative_to(self._storage.resolve()):  # never a shared store outside
+            doomed.append(target)
+        for p in doomed:
+            p.unlink(missing_ok=True)
+
+
+class _ForwardBar:
+    """Stands in for huggingface_hub's per-file bar and feeds our single total bar."""
+
+    def __init__(self, total_bar: tqdm, **_: object) -> None:
+        self._bar = total_bar
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def __enter__(self) -> _ForwardBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _verify(path: Path, rf: RemoteFile) -> tuple[str, bool]:
+    """Stream the file once: its sha256, and whether it matches the listing."""
+    sha256 = hashlib.sha256()
+    git = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            sha256.update(block)
+            if rf.sha256 is None:
+                git.update(block)
+    digest = sha256.hexdigest()
+    if rf.sha256 is not None:
+        return digest, digest == rf.sha256
+    return digest, rf.blob_id is None or git.hexdigest() == rf.blob_id
+
+
+def _explain(err: BaseException) -> str:
+    """A one-line reason for the CLI, looking through huggingface_hub's wrapped causes."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, GatedRepoError):
+            return "the repository is gated: accept its terms on the Hub and set HF_TOKEN"
+        if isinstance(seen, RepositoryNotFoundError):
+            return "repository not found (or private/gated and no valid token: set HF_TOKEN)"
+        if isinstance(seen, RevisionNotFoundError):
+            return "revision not found"
+        if isinstance(seen, RemoteEntryNotFoundError):
+            return "file not found at this commit"
+        if isinstance(seen, OfflineModeIsEnabled):
+            return "offline mode is on (HF_HUB_OFFLINE)"
+        if isinstance(seen, HfHubHTTPError) and seen.response is not None:
+            code = seen.response.status_code
+            if code in (401, 403):
+                return f"access denied (HTTP {code}): token missing, invalid or without access"
+            return f"HTTP {code} from the Hub"
+        if isinstance(seen, httpx2.TransportError):
+            return (
+                f"endpoint unreachable or transfer cut ({type(seen).__name__}); "
+                "rerun to resume LFS files from the bytes already saved"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(err).__name__}: {err}"
+
+
+def _scrub(message: str, token: str | bool | None) -> str:
+    """Belt and braces: no token text in anything we raise."""
+    for secret in (token if isinstance(token, str) else None, get_token()):
+        if secret:
+            message = message.replace(secret, "***")
+    return message
+
+
+def open_repo(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> HubRepo:
+    """Resolve ``revision`` (default "main") to a commit and list the files with their hashes."""
+    revision = revision or "main"
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    try:
+        info = HfApi(endpoint=endpoint, token=token).model_info(
+            repo_id, revision=revision, files_metadata=True
+        )
+    except Exception as err:  # every failure becomes one readable HubError
+        raise HubError(
+            _scrub(f"cannot open {repo_id}@{revision} on {endpoint}: {_explain(err)}", token)
+        ) from err
+    if info.sha is None:
+        raise HubError(f"{endpoint} did not resolve {repo_id}@{revision} to a commit")
+    files = {
+        s.rfilename: RemoteFile(
+            path=s.rfilename,
+            size=s.lfs.size if s.lfs is not None else (s.size or 0),
+            sha256=s.lfs.sha256 if s.lfs is not None else None,
+            blob_id=s.blob_id,
+        )
+        for s in info.siblings or []
+    }
+    return HubRepo(
+        repo_id=repo_id,
+        revision=revision,
+        commit=info.sha,
+        endpoint=endpoint,
+        cache_dir=Path(cache_dir or constants.HF_HUB_CACHE).expanduser(),
+        files=files,
+        token=token,
+    )

@@ -1,0 +1,405 @@
+"""The conversion job: source -> per-layer files -> pass-through -> manifest, resumable.
+
+Order matters for crash safety: every file is written under a temporary name and renamed; each
+finished file is recorded in `.moepack-partial/state.json`; `manifest.json` is written last and
+its presence is what makes the directory an artifact. A rerun with the same job keeps recorded
+files whose bytes still hash to the recorded sha256 and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+
+import moepack
+from moepack.runtime import format as fmt
+
+from .checkpoint import INDEX, QUANT_CONFIG, Checkpoint, CheckpointError, is_pass_through, read_json
+from .moe_layers import MoELayer, check_supported_config, find_moe_layers
+from .recipes import resolve_alias
+from .transform import convert_layer, geometry_of
+from .writer import Blob, copy_file, write_json, write_safetensors
+
+log = logging.getLogger("moepack.convert")
+
+PARTIAL = ".moepack-partial"
+STATE = f"{PARTIAL}/state.json"
+HASH_CHUNK = 8 << 20
+
+
+class ConvertError(RuntimeError):
+    """The conversion cannot proceed; the message says why and names the file or tensor."""
+
+
+@dataclass
+class Source:
+    """A checkpoint on local disk, and what the manifest records about where it came from."""
+
+    root: Path
+    record: dict[str, Any]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_files(root: Path, names: list[str]) -> list[dict[str, Any]]:
+    """sha256 of each source file, parallel across files (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        digests = list(pool.map(lambda n: sha256_file(root / n), names))
+    return [
+        {"path": n, "size": (root / n).stat().st_size, "sha256": d}
+        for n, d in zip(names, digests, strict=True)
+    ]
+
+
+def _needed_weight_files(root: Path) -> list[str]:
+    if (root / INDEX).exists():
+        return [INDEX, *sorted(set(read_json(root / INDEX).get("weight_map", {}).values()))]
+    return ["model.safetensors"]
+
+
+def local_source(path: Path, moe_only: bool) -> Source:
+    root = Path(path).resolve()
+    ckpt = Checkpoint(root)
+    check_supported_config(ckpt.config)
+    names = ["config.json", *([QUANT_CONFIG] if (root / QUANT_CONFIG).exists() else [])]
+    names += _needed_weight_files(root)
+    if not moe_only:
+        names += [n for n in ckpt.pass_through_files() if n not in names]
+    files = _hash_files(root, sorted(set(names)))
+    return Source(
+        root,
+        {
+            "type": "local",
+            "repo_id": None,
+            "revision": None,
+            "commit": None,
+            "path": str(root),
+            "files": files,
+        },
+    )
+
+
+def hub_source(
+    repo_id: str, revision: str | None, moe_only: bool, progress: bool, **hub: Any
+) -> Source:
+    """Config first: refuse an unsupported model before any weight is downloaded."""
+    from .hub import open_repo
+
+    repo = open_repo(repo_id, revision, **hub)
+    first = ["config.json", *([QUANT_CONFIG] if QUANT_CONFIG in repo.files else [])]
+    paths = repo.fetch(first)
+    root = paths["config.json"].parent
+    config = read_json(root / "config.json")
+    check_supported_config(config)
+    from .checkpoint import load_quant_config
+
+    quant = load_quant_config(root, config)
+    if INDEX in repo.files:
+        repo.fetch([INDEX])
+        find_moe_layers(read_json(root / INDEX).get("weight_map", {}), quant, config)
+    names = [n for n in _needed_weight_files(root) if n != INDEX]
+    if not moe_only:
+        names += [n for n, f in repo.files.items() if is_pass_through(n, f.size) and n not in first]
+    repo.fetch(names, progress=progress)
+    every = sorted(set(first + names + ([INDEX] if INDEX in repo.files else [])))
+    files = [{"path": n, "size": repo.files[n].size, "sha256": repo.sha256_of(n)} for n in every]
+    return Source(
+        root,
+        {
+            "type": "hub",
+            "repo_id": repo.repo_id,
+            "revision": repo.revision,
+            "commit": repo.commit,
+            "path": None,
+            "files": files,
+        },
+    )
+
+
+def resolve_source(
+    spec: str, revision: str | None, moe_only: bool, progress: bool, **hub: Any
+) -> Source:
+    """A recipe alias, a local directory, or a hub repo id, in that order."""
+    recipe = resolve_alias(spec)
+    if recipe is not None:
+        return hub_source(
+            recipe["repo_id"], revision or recipe.get("revision"), moe_only, progress, **hub
+        )
+    if Path(spec).is_dir():
+        return local_source(Path(spec), moe_only)
+    if spec.count("/") == 1 and not Path(spec).exists():
+        return hub_source(spec, revision, moe_only, progress, **hub)
+    raise ConvertError(
+        f"{spec}: not a recipe alias, a local checkpoint directory, or a hub repo id"
+    )
+
+
+class _State:
+    """Finished-file records of an interrupted job, valid only for the same job fingerprint."""
+
+    def __init__(self, out: Path, fingerprint: dict[str, Any]) -> None:
+        self.out, self.fingerprint = out, fingerprint
+        self.done: dict[str, dict[str, Any]] = {}
+        path = out / STATE
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                data = {}
+            if data.get("fingerprint") == fingerprint:
+                self.done = data.get("done", {})
+            else:
+                log.info("previous partial job differs; starting over")
+                shutil.rmtree(out / PARTIAL, ignore_errors=True)
+
+    def reusable(self, relpath: str) -> dict[str, Any] | None:
+        """The record of `relpath` if the file on disk still has its recorded bytes."""
+        rec = self.done.get(relpath)
+        path = self.out / relpath
+        if rec is None or not path.is_file() or path.stat().st_size != rec["file"]["size"]:
+            return None
+        return rec if sha256_file(path) == rec["file"]["sha256"] else None
+
+    def add(self, relpath: str, record: dict[str, Any]) -> None:
+        self.done[relpath] = record
+        write_json(self.out, STATE, {"fingerprint": self.fingerprint, "done": self.done})
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    manifest = out / fmt.MANIFEST
+    if manifest.exists():
+        if not overwrite:
+            raise ConvertError(
+                f"{out}: already holds a finished artifact (pass --overwrite to replace it)"
+            )
+        manifest.unlink()  # from here on the directory no longer claims to be complete
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob("*.moepack-tmp"):
+        stale.unlink()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
+
+
+def _layer_files(
+    ckpt: Checkpoint, layers: list[MoELayer], out: Path, mode: str, state: _State, progress: bool
+) -> Iterator[tuple[MoELayer, dict[str, Any]]]:
+    with _progress(len(layers), "convert", progress) as bar:
+        for moe in layers:
+            rel = fmt.layer_file(moe.layer)
+            rec = state.reusable(rel)
+            if rec is None:
+                t0 = time.perf_counter()
+                geo = geometry_of(ckpt.get, moe)
+                result = convert_layer(ckpt.get, moe, geo, mode)
+                meta = {
+                    "format": fmt.FORMAT_NAME,
+                    "format_version": str(fmt.FORMAT_VERSION),
+                    "layer": str(moe.layer),
+                }
+                written = write_safetensors(out, rel, result.tensors, meta)
+                del result.tensors
+                rec = {
+                    "file": written.record("moe_layer"),
+                    "geometry": geo.__dict__,
+                    "fidelity": result.fidelity,
+                    "gate_up_requantized_experts": result.gate_up_requantized_experts,
+                }
+                state.add(rel, rec)
+                log.info("layer %d: %.2fs", moe.layer, time.perf_counter() - t0)
+            bar.update(1)
+            yield moe, rec
+
+
+def _dense_shards(ckpt: Checkpoint, expert_names: set[str]) -> dict[str, list[str]]:
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in ckpt.weight_map.items():
+        if name not in expert_names:
+            by_shard.setdefault(shard, []).append(name)
+    return by_shard
+
+
+def _pass_through(
+    ckpt: Checkpoint, layers: list[MoELayer], out: Path, state: _State
+) -> list[dict[str, Any]]:
+    """Model files byte for byte; each shard's non-expert tensors as raw byte ranges, unchanged."""
+    records = []
+    experts = {n for n in ckpt.weight_map if any(n.startswith(m.prefix + ".") for m in layers)}
+    dense = _dense_shards(ckpt, experts)
+    index = {"metadata": {"total_size": 0}, "weight_map": {}}
+    for shard, names in sorted(dense.items()):
+        rel = f"{fmt.MODEL_DIR}/{shard}"
+        rec = state.reusable(rel)
+        if rec is None:
+            header = ckpt.header(shard)
+            blobs = [
+                (n, Blob.file_range(ckpt.root / shard, t.dtype, t.shape, t.start, t.end))
+                for n in sorted(names, key=lambda n: header.tensors[n].start)
+                for t in [header.tensors[n]]
+            ]
+            rec = {
+                "file": write_safetensors(
+                    out, rel, blobs, header.metadata or None, align=False
+                ).record("model_shard")
+            }
+            state.add(rel, rec)
+        records.append(rec["file"])
+        for n in names:
+            index["weight_map"][n] = shard
+        index["metadata"]["total_size"] += sum(ckpt.header(shard).tensors[n].nbytes for n in names)
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    for name in ckpt.pass_through_files():
+        rel = f"{fmt.MODEL_DIR}/{name}"
+        rec = state.reusable(rel) or {
+            "file": copy_file(ckpt.root / name, out, rel).record("model_file")
+        }
+        state.add(rel, rec)
+        records.append(rec["file"])
+    records.append(write_json(out, f"{fmt.MODEL_DIR}/{INDEX}", index).record("model_file"))
+    return records
+
+
+def _model_record(ckpt: Checkpoint, layers: list[MoELayer], geo: dict[str, Any]) -> dict[str, Any]:
+    cfg = ckpt.config
+    return {
+        "model_type": cfg.get("model_type"),
+        "architectures": cfg.get("architectures"),
+        "quant_algo": ckpt.quant.algo,
+        "activation": "silu" if geo["gated"] else "relu2",
+        "gated": geo["gated"],
+        "num_hidden_layers": int(cfg.get("num_hidden_layers") or max(m.layer for m in layers) + 1),
+        "hidden_size": int(cfg.get("hidden_size") or geo["hidden"]),
+        "moe_hidden_size": geo["hidden"],
+        "intermediate_size": geo["intermediate"],
+        "intermediate_size_padded": geo["intermediate_padded"],
+        "num_experts": geo["num_experts"],
+        "top_k": int(cfg.get("num_experts_per_tok") or cfg.get("moe_topk") or 0),
+        "moe_layers": [m.layer for m in layers],
+    }
+
+
+def convert_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    *,
+    target: str = "sm120",
+    b12x_scales: str = "baked",
+    moe_only: bool = False,
+    revision: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    **hub: Any,
+) -> dict[str, Any]:
+    """Convert `source` into an artifact at `out`; returns the summary that `--json` prints."""
+    if target not in fmt.TARGETS:
+        raise ConvertError(f"target {target!r}: choose one of {', '.join(fmt.TARGETS)}")
+    if b12x_scales not in fmt.B12X_MODES:
+        raise ConvertError(
+            f"b12x scales {b12x_scales!r}: choose one of {', '.join(fmt.B12X_MODES)}"
+        )
+    t0 = time.perf_counter()
+    out = Path(out)
+    src = resolve_source(str(source), revision, moe_only, progress, **hub)
+    ckpt = Checkpoint(src.root)
+    layers = find_moe_layers(ckpt.weight_map, ckpt.quant, ckpt.config)
+    _prepare_out(out, overwrite)
+    fingerprint = {
+        "tool": moepack.__version__,
+        "format_version": fmt.FORMAT_VERSION,
+        "target": target,
+        "b12x_scales": b12x_scales,
+        "moe_only": moe_only,
+        "source": src.record["files"],
+    }
+    state = _State(out, fingerprint)
+    layer_records, files, geos = [], [], []
+    try:
+        for moe, rec in _layer_files(ckpt, layers, out, b12x_scales, state, progress):
+            geos.append(rec["geometry"])
+            files.append(rec["file"])
+            layer_records.append(
+                {
+                    "layer": moe.layer,
+                    "source_prefix": moe.prefix,
+                    "file": rec["file"]["path"],
+                    "fidelity": rec["fidelity"],
+                    "gate_up_requantized_experts": rec["gate_up_requantized_experts"],
+                }
+            )
+        if any(g != geos[0] for g in geos):
+            raise ConvertError(f"{src.root}: MoE layers differ in geometry; one artifact needs one")
+        if not moe_only:
+            files += _pass_through(ckpt, layers, out, state)
+    finally:
+        ckpt.close()
+    manifest = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "tool": {
+            "name": "moepack",
+            "version": moepack.__version__,
+            "torch": torch.__version__,
+            "safetensors": safetensors.__version__,
+        },
+        "source": src.record,
+        "target": target,
+        "model": _model_record(ckpt, layers, geos[0]),
+        "b12x_scale_mode": b12x_scales,
+        "kernel_abi": {
+            "flashinfer": fmt.FLASHINFER_RANGE,
+            "pad_tile": 256,
+            "sf_block": 16,
+            "sf_layout": "cutlass_128x4",
+            "w13_order": ["up", "gate"] if geos[0]["gated"] else ["up"],
+            "alignment": fmt.ALIGNMENT,
+            "prefill_min_tokens": fmt.PREFILL_MIN_TOKENS,
+        },
+        "layers": layer_records,
+        "files": sorted(files, key=lambda f: f["path"]),
+        "complete": True,
+    }
+    write_json(out, fmt.MANIFEST, manifest)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    return _summary(out, manifest, time.perf_counter() - t0)
+
+
+def _summary(out: Path, manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
+    fid = [layer["fidelity"] for layer in manifest["layers"]]
+    return {
+        "artifact": str(out),
+        "source": {k: v for k, v in manifest["source"].items() if k != "files"},
+        "target": manifest["target"],
+        "b12x_scale_mode": manifest["b12x_scale_mode"],
+        "moe_layers": len(manifest["layers"]),
+        "files": len(manifest["files"]),
+        "bytes": sum(f["size"] for f in manifest["files"]),
+        "seconds": round(seconds, 3),
+        "b12x_max_rel_err": max(f["b12x_max_rel_err"] for f in fid),
+        "b12x_mean_rel_err": sum(f["b12x_mean_rel_err"] for f in fid) / len(fid),
+        "gate_up_requantized_experts": sum(
+            layer["gate_up_requantized_experts"] for layer in manifest["layers"]
+        ),
+    }
+
+
+__all__ = ["ConvertError", "CheckpointError", "convert_checkpoint"]

@@ -1,0 +1,270 @@
+"""`moepack convert` end to end on synthetic Super-like, Nano-like and gated checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from moepack.convert.cli import main
+from moepack.convert.pipeline import ConvertError, convert_checkpoint
+from moepack.runtime import layout, nvfp4
+from moepack.runtime.format import ALIGNMENT, Geometry, read_manifest
+from moepack.runtime.safetensors_header import read_header
+from moepack.runtime.verify import verify_artifact
+
+EXPECTED_LAYERS = {"super": [1, 3], "nano": [0, 3], "gated": [0, 1], "gated-untied": [0, 1]}
+
+
+def _source_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out |= {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("artifacts")
+    return {
+        (v, mode): (
+            convert_checkpoint(checkpoints[v], root / f"{v}-{mode}", b12x_scales=mode)
+            and root / f"{v}-{mode}"
+        )
+        for v in EXPECTED_LAYERS
+        for mode in ("baked", "shared")
+    }
+
+
+@pytest.mark.parametrize("variant", list(EXPECTED_LAYERS))
+@pytest.mark.parametrize("mode", ["baked", "shared"])
+def test_artifact_structure_and_verify(converted, variant, mode):
+    art = converted[(variant, mode)]
+    m = read_manifest(art)
+    assert m["model"]["moe_layers"] == EXPECTED_LAYERS[variant]
+    assert m["b12x_scale_mode"] == mode
+    geo = Geometry.from_manifest(m["model"])
+    assert geo.intermediate_padded % 256 == 0 and geo.intermediate_padded >= geo.intermediate
+    for entry in m["layers"]:
+        header = read_header(art / entry["file"])
+        specs = geo.tensor_specs(mode)
+        real = {n: t for n, t in header.tensors.items() if not n.startswith("__pad__.")}
+        assert list(real) == list(specs)
+        for name, (dtype, shape) in specs.items():
+            assert (real[name].dtype, real[name].shape) == (dtype, shape)
+        assert all(t.start % ALIGNMENT == 0 for t in real.values())
+        if mode == "shared" and variant != "gated-untied":
+            assert entry["fidelity"]["b12x_max_rel_err"] == 0.0
+        else:
+            assert entry["fidelity"]["b12x_max_rel_err"] > 0.0
+    report = verify_artifact(art)
+    assert report.exit_code == 0, report.format_text()
+
+
+@pytest.mark.parametrize("variant", ["super", "gated"])
+def test_payload_and_scales_match_source(converted, checkpoints, variant):
+    """Independent of the transform: unpad and unswizzle the stored tensors, compare to source."""
+    art = converted[(variant, "baked")]
+    m = read_manifest(art)
+    geo = Geometry.from_manifest(m["model"])
+    src = _source_tensors(checkpoints[variant])
+    n, n_p = geo.intermediate, geo.intermediate_padded
+    for entry in m["layers"]:
+        with safe_open(str(art / entry["file"]), framework="pt") as f:
+            w13, w2 = f.get_tensor("w13"), f.get_tensor("w2")
+            sf13 = layout.unswizzle(f.get_tensor("w13_sf"), geo.w13_rows, geo.hidden // 16)
+            sf2 = layout.unswizzle(f.get_tensor("w2_sf"), geo.hidden, n_p // 16)
+            alpha13 = f.get_tensor("cutlass.fc1_alpha")
+            baked13 = layout.unswizzle(f.get_tensor("b12x.w13_sf"), geo.w13_rows, geo.hidden // 16)
+        halves = ("up_proj", "gate_proj") if geo.gated else ("up_proj",)
+        a13 = max(
+            src[f"{entry['source_prefix']}.{e}.up_proj.input_scale"] for e in range(geo.num_experts)
+        )
+        for e in range(geo.num_experts):
+            p = f"{entry['source_prefix']}.{e}"
+            for h, proj in enumerate(halves):
+                rows = slice(h * n_p, h * n_p + n)
+                assert torch.equal(w13[e, rows], src[f"{p}.{proj}.weight"])
+                assert torch.equal(
+                    sf13[e, rows].view(torch.uint8),
+                    src[f"{p}.{proj}.weight_scale"].view(torch.uint8),
+                )
+                assert not w13[e, h * n_p + n : (h + 1) * n_p].any()
+                ws2 = src[f"{p}.{proj}.weight_scale_2"].float()
+                expect = nvfp4.e4m3_from_float(src[f"{p}.{proj}.weight_scale"].float() * ws2)
+                assert torch.equal(baked13[e, rows].view(torch.uint8), expect.view(torch.uint8))
+            assert torch.equal(w2[e, :, : n // 2], src[f"{p}.down_proj.weight"])
+            assert not w2[e, :, n // 2 :].any()
+            assert torch.equal(
+                sf2[e, :, : n // 16].view(torch.uint8),
+                src[f"{p}.down_proj.weight_scale"].view(torch.uint8),
+            )
+            assert torch.equal(alpha13[e], a13.float() * src[f"{p}.up_proj.weight_scale_2"].float())
+
+
+def test_pass_through_is_byte_identical(converted, checkpoints):
+    art, ckpt = converted[("super", "baked")], checkpoints["super"]
+    src = _source_tensors(ckpt)
+    dense = _source_tensors(art / "model")
+    assert not [n for n in dense if ".experts." in n]
+    assert set(dense) == {n for n in src if ".mixer.experts." not in n}
+    for name, t in dense.items():
+        assert torch.equal(t.reshape(-1).view(torch.uint8), src[name].reshape(-1).view(torch.uint8))
+    # The shared expert's NVFP4 down_proj is not a MoE layer: it passes through unchanged.
+    assert "backbone.layers.1.mixer.shared_experts.down_proj.weight_scale_2" in dense
+    for name in ("config.json", "hf_quant_config.json", "tokenizer_config.json"):
+        assert (art / "model" / name).read_bytes() == (ckpt / name).read_bytes()
+    index = json.loads((art / "model" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(dense)
+
+
+def test_moe_only_and_deterministic(checkpoints, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    convert_checkpoint(checkpoints["nano"], a, moe_only=True)
+    convert_checkpoint(checkpoints["nano"], b, moe_only=True)
+    assert not (a / "model").exists()
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_gate_up_requantization_is_reported(converted):
+    m = read_manifest(converted[("gated-untied", "shared")])
+    assert sum(entry["gate_up_requantized_experts"] for entry in m["layers"]) > 0
+    assert all(entry["fidelity"]["requant_max_rel_err"] > 0 for entry in m["layers"])
+    tied = read_manifest(converted[("gated", "shared")])
+    assert all(entry["gate_up_requantized_experts"] == 0 for entry in tied["layers"])
+
+
+def test_refuses_to_overwrite_a_finished_artifact(converted, checkpoints):
+    with pytest.raises(ConvertError, match="already holds a finished artifact"):
+        convert_checkpoint(checkpoints["super"], converted[("super", "baked")])
+
+
+def test_cli_convert_json_and_recipes(checkpoints, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(
+        main,
+        [
+            "convert",
+            str(checkpoints["gated"]),
+            "--target",
+            "sm121",
+            "-o",
+            str(tmp_path / "x"),
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["ok"] and summary["moe_layers"] == 2 and summary["target"] == "sm121"
+    res = runner.invoke(main, ["recipes", "--json"])
+    recipes = json.loads(res.output)
+    assert (
+        recipes["nemotron-super-nvfp4"]["repo_id"]
+        == "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4"
+    )
+    assert (
+        recipes["nemotron-nano-nvfp4"]["repo_id"] == "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4"
+    )
+
+
+def _broken(checkpoints, tmp_path: Path, edit) -> Path:
+    """A copy of the super checkpoint with one tensor edited in place."""
+    ckpt = tmp_path / "broken"
+    shutil.copytree(checkpoints["super"], ckpt)
+    edit(ckpt)
+    return ckpt
+
+
+def _edit_tensor(name: str, fn):
+    def edit(ckpt: Path) -> None:
+        from safetensors.torch import save_file
+
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        shard = ckpt / index["weight_map"][name]
+        with safe_open(str(shard), framework="pt") as f:
+            tensors = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
+        result = fn(tensors, name)
+        save_file(tensors if result is None else result, str(shard))
+
+    return edit
+
+
+BAD_INPUTS = [
+    (
+        "nan block scale",
+        "backbone.layers.3.mixer.experts.5.down_proj.weight_scale",
+        lambda t, n: t[n].view(torch.uint8).__setitem__((0, 0), 0x7F),
+        "contain NaN",
+    ),
+    (
+        "zero weight_scale_2",
+        "backbone.layers.1.mixer.experts.2.up_proj.weight_scale_2",
+        lambda t, n: t.__setitem__(n, torch.tensor(0.0)),
+        "not finite and positive",
+    ),
+    (
+        "wrong dtype",
+        "backbone.layers.1.mixer.experts.0.down_proj.weight",
+        lambda t, n: t.__setitem__(n, t[n].to(torch.int16)),
+        "expected uint8",
+    ),
+    (
+        "wrong shape",
+        "backbone.layers.3.mixer.experts.7.up_proj.weight",
+        lambda t, n: t.__setitem__(n, t[n][:-16]),
+        "expected uint8",
+    ),
+]
+
+
+@pytest.mark.parametrize("what,name,fn,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_tensor_is_named_and_nothing_looks_complete(
+    checkpoints, tmp_path, what, name, fn, message
+):
+    ckpt = _broken(checkpoints, tmp_path, _edit_tensor(name, fn))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["convert", str(ckpt), "--target", "sm120", "-o", str(out)])
+    assert res.exit_code == 2
+    assert message in res.output and name.rsplit(".", 1)[0] in res.output, res.output
+    assert "Traceback" not in res.output
+    assert not (out / "manifest.json").exists()
+    assert not list(out.rglob("*.moepack-tmp"))
+
+
+def test_missing_expert_and_unsupported_models(checkpoints, tmp_path):
+    def drop_expert(ckpt: Path) -> None:
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {
+            k: v for k, v in index["weight_map"].items() if ".experts.4." not in k
+        }
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    with pytest.raises(Exception, match=r"experts \[4\] missing"):
+        convert_checkpoint(_broken(checkpoints, tmp_path, drop_expert), tmp_path / "o1")
+
+    def gelu(ckpt: Path) -> None:
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg["mlp_hidden_act"] = "gelu"
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+
+    shutil.rmtree(tmp_path / "broken")
+    with pytest.raises(Exception, match="activation 'gelu' is not supported"):
+        convert_checkpoint(_broken(checkpoints, tmp_path, gelu), tmp_path / "o2")
+
+    def fp8(ckpt: Path) -> None:
+        (ckpt / "hf_quant_config.json").write_text(
+            json.dumps({"quantization": {"quant_algo": "FP8"}})
+        )
+
+    shutil.rmtree(tmp_path / "broken")
+    with pytest.raises(Exception, match="is not NVFP4 or MIXED_PRECISION"):
+        convert_checkpoint(_broken(checkpoints, tmp_path, fp8), tmp_path / "o3")
