@@ -27,7 +27,6 @@ huggingface_hub at import time; explicit ``endpoint=``/``cache_dir=`` override t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import sys
@@ -77,7 +76,10 @@ class RemoteFile:
 
 @dataclass
 class HubRepo:
-    """A Hub repo pinned to one commit; ``fetch`` downloads and verifies files of it."""
+    """A Hub repo pinned to one commit; ``fetch`` downloads and verifies files of it.
+
+    ``token`` is an init-only argument held privately: not a field, so never in repr/asdict.
+    """
 
     repo_id: str
     revision: str
@@ -168,7 +170,7 @@ class HubRepo:
                 endpoint=self.endpoint,
                 token=self._token,
                 force_download=force,
-                tqdm_class=functools.partial(_ForwardBar, bar),  # type: ignore[arg-type]
+                tqdm_class=_forwarding(bar),  # type: ignore[arg-type]
             )
         except Exception as err:  # every failure becomes one readable HubError
             raise HubError(
@@ -206,7 +208,7 @@ class HubRepo:
                     resume_size=done,
                     headers=build_hf_headers(token=self._token),
                     expected_size=rf.size,
-                    tqdm_class=functools.partial(_ForwardBar, bar),  # type: ignore[arg-type]
+                    tqdm_class=_forwarding(bar),  # type: ignore[arg-type]
                 )
             os.replace(part, blob)  # verified by the caller; evicted there if wrong
 
@@ -228,19 +230,41 @@ class HubRepo:
 
 
 class _ForwardBar:
-    """Stands in for huggingface_hub's per-file bar and feeds our single total bar."""
+    """Stands in for huggingface_hub's per-file bars (HTTP and hf_xet) and feeds our total bar.
 
-    def __init__(self, total_bar: tqdm, **_: object) -> None:
-        self._bar = total_bar
+    Duck-typed to what http_get and XetDownloadProgressReporter call; ``update_transfer`` on the
+    class makes the Xet reporter use one bar instead of two, so bytes are counted once.
+    """
+
+    total_bar: tqdm  # set by _forwarding()
+    total: int | None = None
+
+    def __init__(self, **_: object) -> None:
+        pass
 
     def update(self, n: int) -> None:
-        self._bar.update(n)
+        self.total_bar.update(n)
+
+    def update_transfer(self, n: int) -> None:
+        pass  # wire bytes; the reconstructed bytes already went through update()
+
+    def set_postfix_str(self, *_: object, **__: object) -> None:
+        pass
+
+    set_transfer_postfix_str = set_postfix_str
+
+    def close(self) -> None:
+        pass
 
     def __enter__(self) -> _ForwardBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _forwarding(bar: tqdm) -> type[_ForwardBar]:
+    return type("_ForwardBarBound", (_ForwardBar,), {"total_bar": bar})
 
 
 def _verify(path: Path, rf: RemoteFile) -> tuple[str, bool]:
