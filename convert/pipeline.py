@@ -182,17 +182,42 @@ class _State:
         write_json(self.out, STATE, {"fingerprint": self.fingerprint, "done": self.done})
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    manifest = out / fmt.MANIFEST
-    if manifest.exists():
+def _job_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The job fingerprint a finished manifest was written by."""
+    return {
+        "tool": manifest.get("tool", {}).get("version"),
+        "format_version": manifest.get("format_version"),
+        "target": manifest.get("target"),
+        "b12x_scales": manifest.get("b12x_scale_mode"),
+        "moe_only": all(f.get("kind") == "moe_layer" for f in manifest.get("files", [])),
+        "source": manifest.get("source", {}).get("files"),
+    }
+
+
+def _finished(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The manifest at `out` if it records this very job; clears the way for a new job otherwise.
+
+    A rerun of a job killed after its manifest landed (during cleanup) finds it finished and
+    only removes the leftovers.
+    """
+    path = out / fmt.MANIFEST
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+        if not overwrite and manifest.get("complete") is True and _job_of(manifest) == fingerprint:
+            shutil.rmtree(out / PARTIAL, ignore_errors=True)
+            return manifest
         if not overwrite:
             raise ConvertError(
-                f"{out}: already holds a finished artifact (pass --overwrite to replace it)"
+                f"{out}: already holds a different artifact (pass --overwrite to replace it)"
             )
-        manifest.unlink()  # from here on the directory no longer claims to be complete
+        path.unlink()  # from here on the directory no longer claims to be complete
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.rglob("*.moepack-tmp"):
         stale.unlink()
+    return None
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -322,7 +347,6 @@ def convert_checkpoint(
     src = resolve_source(str(source), revision, moe_only, progress, **hub)
     ckpt = Checkpoint(src.root)
     layers = find_moe_layers(ckpt.weight_map, ckpt.quant, ckpt.config)
-    _prepare_out(out, overwrite)
     fingerprint = {
         "tool": moepack.__version__,
         "format_version": fmt.FORMAT_VERSION,
@@ -331,6 +355,9 @@ def convert_checkpoint(
         "moe_only": moe_only,
         "source": src.record["files"],
     }
+    done = _finished(out, fingerprint, overwrite)
+    if done is not None:
+        return _summary(out, done, time.perf_counter() - t0)
     state = _State(out, fingerprint)
     layer_records, files, geos = [], [], []
     try:

@@ -143,9 +143,13 @@ def test_gate_up_requantization_is_reported(converted):
     assert all(entry["gate_up_requantized_experts"] == 0 for entry in tied["layers"])
 
 
-def test_refuses_to_overwrite_a_finished_artifact(converted, checkpoints):
-    with pytest.raises(ConvertError, match="already holds a finished artifact"):
-        convert_checkpoint(checkpoints["super"], converted[("super", "baked")])
+def test_rerun_of_a_finished_job_is_a_no_op_and_another_job_is_refused(converted, checkpoints):
+    art = converted[("super", "baked")]
+    before = (art / "manifest.json").stat().st_mtime_ns
+    assert convert_checkpoint(checkpoints["super"], art)["moe_layers"] == 2
+    assert (art / "manifest.json").stat().st_mtime_ns == before
+    with pytest.raises(ConvertError, match="already holds a different artifact"):
+        convert_checkpoint(checkpoints["super"], art, b12x_scales="shared")
 
 
 def test_cli_convert_json_and_recipes(checkpoints, tmp_path):
