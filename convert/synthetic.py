@@ -68,25 +68,43 @@ def _bf16(g: torch.Generator, *shape: int) -> torch.Tensor:
     return (torch.randn(*shape, generator=g) * 0.05).to(torch.bfloat16)
 
 
+CALIBRATION_STD = 0.5
+"""Standard deviation of the activations the expert input scales are calibrated on; feed
+activations of this size (as the demo does) and no activation saturates or underflows."""
+CALIBRATION_TOKENS = 64
+
+
+def _amax_scale(x: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's activation scale: `amax / (6 * 448)` of the calibration activations."""
+    return (x.abs().amax() / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)).reshape(())
+
+
 def _input_scale(g: torch.Generator, k: int) -> torch.Tensor:
-    """ModelOpt's activation scale, `amax / (6 * 448)`, from a calibration-like sample."""
-    sample = torch.randn(64, k, generator=g) * (0.5 + torch.rand((), generator=g))
-    return (sample.abs().amax() / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)).reshape(())
+    return _amax_scale(torch.randn(CALIBRATION_TOKENS, k, generator=g) * CALIBRATION_STD)
 
 
-def _nvfp4_linear(
-    g: torch.Generator, name: str, n: int, k: int, scale_2: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    weight = torch.randn(n, k, generator=g) * (0.02 + 0.03 * torch.rand((), generator=g))
+def _weight(g: torch.Generator, n: int, k: int) -> torch.Tensor:
     # Heavy-tailed rows make block scales span a wide range, like real checkpoints.
-    weight = weight * torch.exp(torch.randn(n, 1, generator=g))
+    scale = 0.02 + 0.03 * torch.rand((), generator=g)
+    return torch.randn(n, k, generator=g) * scale * torch.exp(torch.randn(n, 1, generator=g))
+
+
+def _pack(
+    name: str, weight: torch.Tensor, scale_2: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """ModelOpt tensors of one NVFP4 linear (input_scale aside) and its dequantized weight."""
     packed, block_scale, ws2 = nvfp4.quantize(weight, scale_2)
-    return {
+    tensors = {
         f"{name}.weight": packed,
         f"{name}.weight_scale": block_scale,
-        f"{name}.weight_scale_2": ws2.reshape(()),
-        f"{name}.input_scale": _input_scale(g, k),
+        f"{name}.weight_scale_2": ws2.reshape(()).clone(),
     }
+    return tensors, nvfp4.dequantize(packed, block_scale, ws2)
+
+
+def _nvfp4_linear(g: torch.Generator, name: str, n: int, k: int) -> dict[str, torch.Tensor]:
+    tensors, _ = _pack(name, _weight(g, n, k))
+    return tensors | {f"{name}.input_scale": _input_scale(g, k)}
 
 
 def _fp8_linear(g: torch.Generator, name: str, n: int, k: int) -> dict[str, torch.Tensor]:
@@ -99,36 +117,35 @@ def _fp8_linear(g: torch.Generator, name: str, n: int, k: int) -> dict[str, torc
     }
 
 
+def _expert(g: torch.Generator, spec: SyntheticSpec, base: str) -> dict[str, torch.Tensor]:
+    """One expert, its input scales calibrated on activations that flow through it."""
+    h, n = spec.moe_hidden, spec.intermediate
+    x = torch.randn(CALIBRATION_TOKENS, h, generator=g) * CALIBRATION_STD
+    out: dict[str, torch.Tensor] = {}
+    if spec.variant == "gated":
+        gate_w, up_w = _weight(g, n, h), _weight(g, n, h)
+        tied = None
+        if not spec.untied_gate_up:
+            tied = _amax_scale(torch.maximum(gate_w.abs().amax(), up_w.abs().amax()))
+        gate_t, gate = _pack(f"{base}.gate_proj", gate_w, tied)
+        up_t, up = _pack(f"{base}.up_proj", up_w, tied)
+        hidden = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+        out |= gate_t | up_t | {f"{base}.gate_proj.input_scale": _amax_scale(x)}
+    else:
+        up_t, up = _pack(f"{base}.up_proj", _weight(g, n, h))
+        hidden = torch.relu(x @ up.T).square()
+        out |= up_t
+    out[f"{base}.up_proj.input_scale"] = _amax_scale(x)
+    down_t, _ = _pack(f"{base}.down_proj", _weight(g, h, n))
+    return out | down_t | {f"{base}.down_proj.input_scale": _amax_scale(hidden)}
+
+
 def _experts(
     g: torch.Generator, spec: SyntheticSpec, layer: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One expert's tensors at a time, so real geometry never holds a layer in float32."""
-    h, n = spec.moe_hidden, spec.intermediate
     for e in range(spec.num_experts):
-        base = f"{_prefix(spec, layer)}.experts.{e}"
-        if spec.variant == "gated":
-            gate_w = torch.randn(n, h, generator=g) * 0.04
-            up_w = torch.randn(n, h, generator=g) * 0.04
-            tied = None
-            if not spec.untied_gate_up:
-                amax = torch.maximum(gate_w.abs().amax(), up_w.abs().amax())
-                tied = amax / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
-            out: dict[str, torch.Tensor] = {}
-            x_scale = _input_scale(g, h)
-            for proj, w in (("gate_proj", gate_w), ("up_proj", up_w)):
-                packed, sf, ws2 = nvfp4.quantize(w, tied)
-                out |= {
-                    f"{base}.{proj}.weight": packed,
-                    f"{base}.{proj}.weight_scale": sf,
-                    f"{base}.{proj}.weight_scale_2": ws2.reshape(()).clone(),
-                    f"{base}.{proj}.input_scale": x_scale.clone(),
-                }
-            out |= _nvfp4_linear(g, f"{base}.down_proj", h, n)
-            yield out
-        else:
-            yield _nvfp4_linear(g, f"{base}.up_proj", n, h) | _nvfp4_linear(
-                g, f"{base}.down_proj", h, n
-            )
+        yield _expert(g, spec, f"{_prefix(spec, layer)}.experts.{e}")
 
 
 def _dense_tensors(g: torch.Generator, spec: SyntheticSpec) -> dict[str, torch.Tensor]:
