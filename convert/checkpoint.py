@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
 
+from moepack.runtime.format import TORCH_DTYPES
 from moepack.runtime.safetensors_header import Header, HeaderError, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -112,7 +113,7 @@ class Checkpoint:
         self.quant = load_quant_config(self.root, self.config)
         self.weight_map = self._weight_map()
         self._headers: dict[str, Header] = {}
-        self._handles: dict[str, Any] = {}
+        self._files: dict[str, BinaryIO] = {}
 
     def _weight_map(self) -> dict[str, str]:
         if (self.root / INDEX).exists():
@@ -137,19 +138,25 @@ class Checkpoint:
         return self._headers[shard]
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor; errors name the shard and tensor."""
+        """Read one tensor with a positioned read (no mmap: a converted layer's source pages are
+        not kept mapped, so resident memory stays about one layer); errors name shard and tensor."""
         shard = self.weight_map.get(name)
         if shard is None:
             raise CheckpointError(f"{self.root}: tensor {name!r} is not in the checkpoint index")
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"{self.root / shard}: cannot open: {exc}") from None
-        try:
-            return self._handles[shard].get_tensor(name)
-        except Exception as exc:
-            raise CheckpointError(f"{self.root / shard}: tensor {name!r}: {exc}") from None
+        entry = self.header(shard).tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"{self.root / shard}: tensor {name!r} is not in this shard")
+        if entry.dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"{self.root / shard}: tensor {name!r}: dtype {entry.dtype}")
+        if shard not in self._files:
+            self._files[shard] = open(self.root / shard, "rb")  # noqa: SIM115 (closed in close())
+        data = torch.empty(entry.nbytes, dtype=torch.uint8)
+        if (
+            entry.nbytes
+            and os.preadv(self._files[shard].fileno(), [data.numpy()], entry.start) != entry.nbytes
+        ):
+            raise CheckpointError(f"{self.root / shard}: tensor {name!r}: file ends early")
+        return data.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
 
     def pass_through_files(self) -> list[str]:
         return sorted(
@@ -159,4 +166,6 @@ class Checkpoint:
         )
 
     def close(self) -> None:
-        self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()

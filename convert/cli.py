@@ -68,6 +68,12 @@ def main(verbose: int) -> None:
 )
 @click.option("--moe-only", is_flag=True, help="Write only the MoE layers (no pass-through files).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished artifact at --out.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the per-layer arithmetic runs (cpu, cuda).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def convert(
     source: str,
@@ -77,6 +83,7 @@ def convert(
     b12x_scales: str,
     moe_only: bool,
     overwrite: bool,
+    device: str,
     as_json: bool,
 ) -> None:
     """Convert SOURCE (recipe alias, hub repo id or local directory) into an artifact."""
@@ -93,6 +100,7 @@ def convert(
             revision=revision,
             overwrite=overwrite,
             progress=_show_progress(as_json),
+            device=device,
         )
     except (CheckpointError, ConvertError, HubError, OSError) as exc:
         _fail(str(exc), as_json)

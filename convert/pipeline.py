@@ -227,7 +227,13 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _layer_files(
-    ckpt: Checkpoint, layers: list[MoELayer], out: Path, mode: str, state: _State, progress: bool
+    ckpt: Checkpoint,
+    layers: list[MoELayer],
+    out: Path,
+    mode: str,
+    state: _State,
+    progress: bool,
+    device: str,
 ) -> Iterator[tuple[MoELayer, dict[str, Any]]]:
     with _progress(len(layers), "convert", progress) as bar:
         for moe in layers:
@@ -236,18 +242,21 @@ def _layer_files(
             if rec is None:
                 t0 = time.perf_counter()
                 geo = geometry_of(ckpt.get, moe)
-                result = convert_layer(ckpt.get, moe, geo, mode)
+                result = convert_layer(ckpt.get, moe, geo, mode, device)
                 meta = {
                     "format": fmt.FORMAT_NAME,
                     "format_version": str(fmt.FORMAT_VERSION),
                     "layer": str(moe.layer),
                 }
-                written = write_safetensors(out, rel, result.tensors, meta)
-                del result.tensors
+                # The file does not depend on the fidelity figures: write while measuring.
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    writing = pool.submit(write_safetensors, out, rel, result.tensors, meta)
+                    fidelity = result.measure()
+                    written = writing.result()
                 rec = {
                     "file": written.record("moe_layer"),
                     "geometry": geo.__dict__,
-                    "fidelity": result.fidelity,
+                    "fidelity": fidelity,
                     "gate_up_requantized_experts": result.gate_up_requantized_experts,
                 }
                 state.add(rel, rec)
@@ -333,9 +342,13 @@ def convert_checkpoint(
     revision: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    device: str = "cpu",
     **hub: Any,
 ) -> dict[str, Any]:
-    """Convert `source` into an artifact at `out`; returns the summary that `--json` prints."""
+    """Convert `source` into an artifact at `out`; returns the summary that `--json` prints.
+
+    `device` runs the per-layer arithmetic there (e.g. "cuda"); the bytes are the same.
+    """
     if target not in fmt.TARGETS:
         raise ConvertError(f"target {target!r}: choose one of {', '.join(fmt.TARGETS)}")
     if b12x_scales not in fmt.B12X_MODES:
@@ -361,7 +374,7 @@ def convert_checkpoint(
     state = _State(out, fingerprint)
     layer_records, files, geos = [], [], []
     try:
-        for moe, rec in _layer_files(ckpt, layers, out, b12x_scales, state, progress):
+        for moe, rec in _layer_files(ckpt, layers, out, b12x_scales, state, progress, device):
             geos.append(rec["geometry"])
             files.append(rec["file"])
             layer_records.append(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -21,24 +21,30 @@ from .moe_layers import MoELayer
 
 FIDELITY_CHUNK = 16
 """Experts per chunk when measuring error: bounds the float32 temporaries."""
+_E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+"""Value of every E4M3 byte (source scales are checked NaN-free before use)."""
 
 
 @dataclass
 class LayerResult:
+    """A layer's file tensors, and `measure()` for its fidelity figures: separate so that the
+    measurement can run while the tensors are being written."""
+
     tensors: list[tuple[str, torch.Tensor]]
-    fidelity: dict[str, float | int]
+    measure: Callable[[], dict[str, float | int]]
     gate_up_requantized_experts: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class _Proj:
-    """One projection of all experts, row-major scales, rows padded (per half when gated)."""
+    """One projection of all experts: payload and row-major scales padded to their stored shape
+    (rows per half when gated), plus what the source said, for measuring changes."""
 
-    payload: torch.Tensor  # uint8 [E, rows_p, K/2]
-    sf: torch.Tensor  # e4m3 [E, rows_p, K/16] as stored (after any requantization)
-    src_scale: torch.Tensor  # float32 [E, rows_p, K/16]: source sf * source ws2 (0 in padding)
-    ws2: torch.Tensor  # float32 [E]
+    payload: torch.Tensor  # uint8 [E, rows, K_p/2]
+    sf: torch.Tensor  # e4m3 [E, rows, K_p/16] as stored (after any requantization)
+    src_sf: torch.Tensor  # e4m3, the source block scales (the same tensor unless requantized)
+    src_ws2: torch.Tensor  # float32 [E, halves]: the source weight_scale_2 of each half
+    ws2: torch.Tensor  # float32 [E]: the one weight_scale_2 the kernels get
     input_scale: torch.Tensor  # float32 [E]
 
 
@@ -97,40 +103,45 @@ def _load_proj(
     get: Callable[[str], torch.Tensor],
     moe: MoELayer,
     roles: tuple[str, ...],
-    shape: tuple[int, int, int, int],
-) -> tuple[_Proj, list[torch.Tensor]]:
-    """Gather `roles` (stacked as halves in that order) of every expert; per-half ws2 returned.
+    shape: tuple[int, int, int, int, int],
+    device: torch.device,
+) -> _Proj:
+    """Gather `roles` (stacked as halves in that order) of every expert into padded tensors.
 
-    `shape` is `(experts, rows, padded rows per half, K)`.
+    `shape` is `(experts, rows, padded rows per half, K, padded K)`.
     """
-    e_count, rows, rows_p, k = shape
+    e_count, rows, rows_p, k, k_p = shape
     halves = len(roles)
-    payload = torch.zeros((e_count, rows_p * halves, k // 2), dtype=torch.uint8)
-    sf = torch.zeros((e_count, rows_p * halves, k // 16), dtype=torch.float8_e4m3fn)
-    ws2 = [torch.zeros(e_count) for _ in roles]
+    payload = torch.zeros((e_count, rows_p * halves, k_p // 2), dtype=torch.uint8, device=device)
+    sf = torch.zeros(
+        (e_count, rows_p * halves, k_p // 16), dtype=torch.float8_e4m3fn, device=device
+    )
+    ws2 = torch.zeros((e_count, halves))
     x_scale = torch.zeros(e_count)
     for e in range(e_count):
         for h, role in enumerate(roles):
             w, s, w2, xs = _expert_part(get, moe, e, role, rows, k)
-            payload[e, h * rows_p : h * rows_p + rows] = w
-            sf[e, h * rows_p : h * rows_p + rows] = s
-            ws2[h][e] = w2
+            payload[e, h * rows_p : h * rows_p + rows, : k // 2] = w.to(device, non_blocking=True)
+            sf[e, h * rows_p : h * rows_p + rows, : k // 16] = s.to(device, non_blocking=True)
+            ws2[e, h] = w2
             if h and not torch.equal(xs, x_scale[e]):
                 raise CheckpointError(
                     f"{moe.tensor(e, role, 'input_scale')}: differs from "
                     f"{moe.tensor(e, roles[0], 'input_scale')} (gate and up share the FC1 input)"
                 )
             x_scale[e] = xs
-    src = sf.to(torch.float32)
-    for h in range(halves):
-        src[:, h * rows_p : (h + 1) * rows_p] *= ws2[h].reshape(-1, 1, 1)
-    return _Proj(payload, sf, src, ws2[0], x_scale), ws2
+    ws2 = ws2.to(device)
+    return _Proj(payload, sf, sf, ws2, ws2[:, 0].contiguous(), x_scale.to(device))
 
 
-def _unify_gate_up(proj: _Proj, ws2_halves: list[torch.Tensor], rows_p: int) -> int:
+def _unify_gate_up(proj: _Proj, rows_p: int) -> int:
     """One ws2 per expert for `[up; gate]`: max of the two, the other half's scales requantized."""
-    unified, f_up, f_gate = scales.unify_scale_2(ws2_halves[0], ws2_halves[1])
+    unified, f_up, f_gate = scales.unify_scale_2(proj.src_ws2[:, 0], proj.src_ws2[:, 1])
     proj.ws2 = unified
+    need_any = bool((f_up != 1).any() or (f_gate != 1).any())
+    if not need_any:
+        return 0
+    proj.sf = proj.src_sf.clone()
     changed = 0
     for h, factor in enumerate((f_up, f_gate)):
         need = factor != 1
@@ -148,59 +159,93 @@ _SQ_SUM = (nvfp4.E2M1_VALUES**2)[torch.arange(256) & 7] + (nvfp4.E2M1_VALUES**2)
 """Sum of the squared E2M1 values of both codes in a byte, for every byte value."""
 
 
-def _rel_errors(payload: torch.Tensor, got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-expert relative Frobenius error of `e2m1 * got` against `e2m1 * ref` (scales per block).
+def _scale_values(sf: torch.Tensor) -> torch.Tensor:
+    return (
+        _E4M3.to(sf.device).index_select(0, sf.view(torch.uint8).reshape(-1).int()).view(sf.shape)
+    )
+
+
+def _rel_errors(
+    proj: _Proj, variants: list[tuple[torch.Tensor, torch.Tensor | None]]
+) -> list[torch.Tensor]:
+    """Per-expert relative Frobenius error, against the source, of weights dequantized with each
+    `(block scales, ws2 or None)` variant (None: ws2 is folded into the scales).
 
     `sum((e2m1 * (got - ref))^2)` factors per block into `sum(e2m1^2) * (got - ref)^2`, so the
-    error is exact without materializing dequantized weights.
+    error is exact without materializing dequantized weights; one pass over the payload serves
+    every variant.
     """
-    out = []
-    for start in range(0, payload.shape[0], FIDELITY_CHUNK):
-        p = payload[start : start + FIDELITY_CHUNK]
-        energy = _SQ_SUM[p.to(torch.int64)].reshape(*p.shape[:2], -1, 8).sum(-1)
-        g = got[start : start + FIDELITY_CHUNK].to(torch.float64)
-        r = ref[start : start + FIDELITY_CHUNK].to(torch.float64)
-        err = (energy * (g - r) ** 2).sum((1, 2))
-        norm = (energy * r**2).sum((1, 2))
-        out.append(torch.where(norm > 0, (err / norm).sqrt(), err.sqrt()))
-    return torch.cat(out)
+    sq = _SQ_SUM.to(proj.payload.device)
+    halves = proj.src_ws2.shape[1]
+    out: list[list[torch.Tensor]] = [[] for _ in variants]
+    for start in range(0, proj.payload.shape[0], FIDELITY_CHUNK):
+        c = slice(start, start + FIDELITY_CHUNK)
+        p = proj.payload[c]
+        energy = sq.index_select(0, p.reshape(-1).int()).view(*p.shape[:2], -1, 8).sum(-1)
+        ws2_rows = proj.src_ws2[c].repeat_interleave(p.shape[1] // halves, dim=1).unsqueeze(-1)
+        ref = _scale_values(proj.src_sf[c]) * ws2_rows
+        norm = (energy * ref.square()).sum((1, 2))
+        for i, (sf, ws2) in enumerate(variants):
+            got = _scale_values(sf[c])
+            if ws2 is not None:
+                got = got * ws2[c].reshape(-1, 1, 1)
+            err = (energy * (got - ref).square()).sum((1, 2))
+            out[i].append(torch.where(norm > 0, err / norm, err).sqrt())
+    return [torch.cat(o).cpu() for o in out]
+
+
+def _baked(proj: _Proj) -> tuple[torch.Tensor, int]:
+    """b12x baked scales `e4m3(sf * ws2[e])`, chunked, and how many nonzero scales flushed to 0."""
+    baked = torch.empty_like(proj.sf)
+    flushed = 0
+    for start in range(0, proj.sf.shape[0], FIDELITY_CHUNK):
+        c = slice(start, start + FIDELITY_CHUNK)
+        baked[c] = scales.bake_block_scales(proj.sf[c], proj.ws2[c])
+        flushed += int(
+            (
+                (proj.sf[c].view(torch.uint8) & 0x7F != 0)
+                & (baked[c].view(torch.uint8) & 0x7F == 0)
+            ).sum()
+        )
+    return baked, flushed
 
 
 def convert_layer(
-    get: Callable[[str], torch.Tensor], moe: MoELayer, geo: Geometry, mode: str
+    get: Callable[[str], torch.Tensor],
+    moe: MoELayer,
+    geo: Geometry,
+    mode: str,
+    device: torch.device | str = "cpu",
 ) -> LayerResult:
-    """All tensors of one layer file, in `Geometry.tensor_specs` order, plus fidelity figures."""
-    n_p = geo.intermediate_padded
-    fc1_roles = ("up", "gate") if geo.gated else ("up",)
-    e, h, n = geo.num_experts, geo.hidden, geo.intermediate
-    fc1, ws2_halves = _load_proj(get, moe, fc1_roles, (e, n, n_p, h))
-    fc2, _ = _load_proj(get, moe, ("down",), (e, h, h, n))
-    requantized = _unify_gate_up(fc1, ws2_halves, n_p) if geo.gated else 0
-    w2 = layout.pad_dim(fc2.payload, 2, n_p // 2)
-    sf2_rm = layout.pad_dim(fc2.sf, 2, n_p // 16)
-    src2 = layout.pad_dim(fc2.src_scale, 2, n_p // 16)
+    """All tensors of one layer file, in `Geometry.tensor_specs` order, plus fidelity figures.
+
+    The work runs on `device` (a GPU makes it a small fraction of the I/O); results come back
+    on the CPU for writing.
+    """
+    device = torch.device(device)
+    e, h, n, n_p = geo.num_experts, geo.hidden, geo.intermediate, geo.intermediate_padded
+    fc1 = _load_proj(get, moe, ("up", "gate") if geo.gated else ("up",), (e, n, n_p, h, h), device)
+    fc2 = _load_proj(get, moe, ("down",), (e, h, h, n, n_p), device)
+    requantized = _unify_gate_up(fc1, n_p) if geo.gated else 0
     tensors: dict[str, torch.Tensor] = {
         "w13": fc1.payload,
-        "w2": w2,
+        "w2": fc2.payload,
         "w13_sf": layout.swizzle(fc1.sf),
-        "w2_sf": layout.swizzle(sf2_rm),
+        "w2_sf": layout.swizzle(fc2.sf),
     }
-    stored13 = fc1.sf.to(torch.float32) * fc1.ws2.reshape(-1, 1, 1)
-    stored2 = sf2_rm.to(torch.float32) * fc2.ws2.reshape(-1, 1, 1)
     cut = scales.cutlass_scalars(fc1.input_scale, fc1.ws2, fc2.input_scale, fc2.ws2)
     if mode == "baked":
-        baked13 = scales.bake_block_scales(fc1.sf, fc1.ws2)
-        baked2 = scales.bake_block_scales(sf2_rm, fc2.ws2)
+        baked13, flushed13 = _baked(fc1)
+        baked2, flushed2 = _baked(fc2)
         tensors["b12x.w13_sf"] = layout.swizzle(baked13)
         tensors["b12x.w2_sf"] = layout.swizzle(baked2)
         b12x = scales.b12x_baked_scalars(fc1.input_scale, fc2.input_scale, geo.num_experts)
-        b13, b2 = baked13.to(torch.float32), baked2.to(torch.float32)
-        flushed = int(((fc1.sf.to(torch.float32) > 0) & (b13 == 0)).sum()) + int(
-            ((sf2_rm.to(torch.float32) > 0) & (b2 == 0)).sum()
-        )
+        flushed = flushed13 + flushed2
+        b12x_13, b12x_2 = (baked13, None), (baked2, None)
     else:
         b12x = scales.b12x_shared_scalars(fc1.input_scale, fc1.ws2, fc2.input_scale, fc2.ws2)
-        b13, b2, flushed = stored13, stored2, 0
+        flushed = 0
+        b12x_13, b12x_2 = (fc1.sf, fc1.ws2), (fc2.sf, fc2.ws2)
     tensors |= {
         "cutlass.fc1_act_global": cut.fc1_act_global,
         "cutlass.fc1_alpha": cut.fc1_alpha,
@@ -212,15 +257,17 @@ def convert_layer(
     }
     if b12x.input_global_scale is not None:
         tensors["b12x.input_global_scale"] = b12x.input_global_scale
-    b12x_err = torch.cat([_rel_errors(fc1.payload, b13, fc1.src_scale), _rel_errors(w2, b2, src2)])
-    requant_err = (
-        _rel_errors(fc1.payload, stored13, fc1.src_scale) if requantized else torch.zeros(1)
-    )
-    fidelity = {
-        "b12x_max_rel_err": float(b12x_err.max()),
-        "b12x_mean_rel_err": float(b12x_err.mean()),
-        "b12x_flushed_scales": flushed,
-        "requant_max_rel_err": float(requant_err.max()),
-    }
+
+    def measure() -> dict[str, float | int]:
+        err13, requant_err = _rel_errors(fc1, [b12x_13, (fc1.sf, fc1.ws2)])
+        (err2,) = _rel_errors(fc2, [b12x_2])
+        b12x_err = torch.cat([err13, err2])
+        return {
+            "b12x_max_rel_err": float(b12x_err.max()),
+            "b12x_mean_rel_err": float(b12x_err.mean()),
+            "b12x_flushed_scales": flushed,
+            "requant_max_rel_err": float(requant_err.max()),
+        }
+
     order = geo.tensor_specs(mode)
-    return LayerResult([(name, tensors[name]) for name in order], fidelity, requantized)
+    return LayerResult([(name, tensors[name].cpu()) for name in order], measure, requantized)

@@ -17,25 +17,12 @@ from typing import Any, BinaryIO
 
 import torch
 
-from moepack.runtime.format import ALIGNMENT, PAD_PREFIX
+from moepack.runtime.format import ALIGNMENT, PAD_PREFIX, TORCH_DTYPES
 
 TMP_SUFFIX = ".moepack-tmp"
 COPY_CHUNK = 16 << 20
 
-_ST_DTYPES = {
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.bool: "BOOL",
-    torch.int16: "I16",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int32: "I32",
-    torch.float32: "F32",
-    torch.int64: "I64",
-    torch.float64: "F64",
-}
+_ST_DTYPES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .format import ACTIVATIONS, B12X_MODES, PAD_PREFIX, Geometry, read_manifest
+from .format import ACTIVATIONS, B12X_MODES, PAD_PREFIX, TORCH_DTYPES, Geometry, read_manifest
 from .hybrid import (
     BackendError,
     Capability,
@@ -55,12 +55,6 @@ log = logging.getLogger("moepack.runtime")
 CHUNK_BYTES = 64 << 20
 """Staging buffer size: large enough that syscall and launch overheads vanish, small enough
 that two of them are a trivial amount of pinned memory."""
-
-TORCH_DTYPES = {
-    "U8": torch.uint8,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F32": torch.float32,
-}
 
 
 class CompatibilityError(ValueError):
