@@ -113,10 +113,10 @@ def peak_ratio(fn: Callable[[], Any], footprint: int, device: torch.device) -> f
     return peak / footprint
 
 
-def measure(device: torch.device, work: Path, smoke: bool) -> dict[str, Any]:
+def measure(device: torch.device, work: Path, smoke: bool, source: Path | None) -> dict[str, Any]:
     spec = synthetic.default_spec("super") if smoke else synthetic.super_layer_spec()
     t0 = time.perf_counter()
-    src = synthetic.write_checkpoint(work / "src", spec)
+    src = source or synthetic.write_checkpoint(work / "src", spec)
     convert_checkpoint(src, work / "art", moe_only=True)
     prep = time.perf_counter() - t0
     art_root = work / "art"
@@ -215,11 +215,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, required=True, help="write results as JSON here")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: tmp)")
+    ap.add_argument(
+        "--source", type=Path, help="reuse a checkpoint made by synthetic.super_layer_spec()"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     smoke = device.type == "cpu"
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        result = measure(device, Path(tmp), smoke)
+        result = measure(device, Path(tmp), smoke, args.source)
     print(table(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
