@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from moepack.convert import synthetic
 from moepack.convert.cli import main
 from moepack.convert.pipeline import ConvertError, convert_checkpoint
 from moepack.runtime import layout, nvfp4
@@ -272,3 +273,35 @@ def test_missing_expert_and_unsupported_models(checkpoints, tmp_path):
     shutil.rmtree(tmp_path / "broken")
     with pytest.raises(Exception, match="is not NVFP4 or MIXED_PRECISION"):
         convert_checkpoint(_broken(checkpoints, tmp_path, fp8), tmp_path / "o3")
+
+
+def test_verify_source_rederives_layers(converted, checkpoints, tmp_path):
+    art = converted[("super", "baked")]
+    runner = CliRunner()
+    res = runner.invoke(main, ["verify", str(art), "--source", str(checkpoints["super"]), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["source_mismatches"] == []
+    other = synthetic.write_checkpoint(tmp_path / "other", synthetic.default_spec("super", seed=9))
+    res = runner.invoke(main, ["verify", str(art), "--source", str(other)])
+    assert res.exit_code == 1
+    assert "moe/layer-00001.safetensors:w13: differs from the source" in res.output
+
+
+def test_cli_inspect_and_verify_exit_codes(converted, tmp_path):
+    art = converted[("gated-untied", "shared")]
+    runner = CliRunner()
+    res = runner.invoke(main, ["inspect", str(art)])
+    assert res.exit_code == 0 and "b12x scales shared" in res.output
+    info = json.loads(runner.invoke(main, ["inspect", str(art), "--json"]).output)
+    assert info["b12x_scale_mode"] == "shared" and info["target"] == "sm120"
+    assert runner.invoke(main, ["verify", str(art), "--quick"]).exit_code == 0
+    assert runner.invoke(main, ["inspect", str(tmp_path)]).exit_code == 2
+    assert runner.invoke(main, ["verify", str(tmp_path)]).exit_code == 2
+    copy = tmp_path / "copy"
+    shutil.copytree(art, copy)
+    layer = next((copy / "moe").iterdir())
+    data = bytearray(layer.read_bytes())
+    data[-1] ^= 1
+    layer.write_bytes(bytes(data))
+    res = runner.invoke(main, ["verify", str(copy), "--json"])
+    assert res.exit_code == 1 and layer.name in res.output
