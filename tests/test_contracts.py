@@ -148,6 +148,10 @@ def test_b12x_arguments(artifacts, case) -> None:
         sources["w1_weight_sf"][0].view(torch.uint8).reshape(e, -1),
     )
     assert torch.equal(views.w1_alpha, args["w1_alpha"])
+    # FlashInfer turns the 6-D views back into contiguous scales: with our views that is the
+    # artifact's own memory, not a per-layer copy.
+    assert views._w13_sf_storage.data_ptr() == args["w1_weight_sf"].data_ptr()
+    assert views._down_sf_storage.data_ptr() == args["w2_weight_sf"].data_ptr()
 
 
 @pytest.mark.parametrize("case", CASES)
