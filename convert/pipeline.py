@@ -8,13 +8,14 @@ files whose bytes still hash to the recorded sha256 and redoes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,24 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
 
 
+@dataclass
+class _InFlight:
+    """A converted layer whose file is still being written."""
+
+    moe: MoELayer
+    rel: str
+    writing: Future
+    rec: dict[str, Any]
+
+
+def _layer_meta(moe: MoELayer) -> dict[str, str]:
+    return {
+        "format": fmt.FORMAT_NAME,
+        "format_version": str(fmt.FORMAT_VERSION),
+        "layer": str(moe.layer),
+    }
+
+
 def _layer_files(
     ckpt: Checkpoint,
     layers: list[MoELayer],
@@ -235,34 +254,58 @@ def _layer_files(
     progress: bool,
     device: str,
 ) -> Iterator[tuple[MoELayer, dict[str, Any]]]:
-    with _progress(len(layers), "convert", progress) as bar:
-        for moe in layers:
-            rel = fmt.layer_file(moe.layer)
-            rec = state.reusable(rel)
-            if rec is None:
-                t0 = time.perf_counter()
-                geo = geometry_of(ckpt.get, moe)
-                result = convert_layer(ckpt.get, moe, geo, mode, device)
-                meta = {
-                    "format": fmt.FORMAT_NAME,
-                    "format_version": str(fmt.FORMAT_VERSION),
-                    "layer": str(moe.layer),
-                }
-                # The file does not depend on the fidelity figures: write while measuring.
-                with ThreadPoolExecutor(max_workers=1) as pool:
-                    writing = pool.submit(write_safetensors, out, rel, result.tensors, meta)
-                    fidelity = result.measure()
-                    written = writing.result()
-                rec = {
-                    "file": written.record("moe_layer"),
-                    "geometry": geo.__dict__,
-                    "fidelity": fidelity,
-                    "gate_up_requantized_experts": result.gate_up_requantized_experts,
-                }
-                state.add(rel, rec)
-                log.info("layer %d: %.2fs", moe.layer, time.perf_counter() - t0)
-            bar.update(1)
-            yield moe, rec
+    """Convert and write each layer, yielding its record once its file is in place.
+
+    One write is in flight at a time: layer L's fidelity is measured, and layer L+1 read and
+    converted, while layer L's file is written and hashed (about two layers resident at peak).
+    """
+    with _progress(len(layers), "convert", progress) as bar, ThreadPoolExecutor(1) as pool:
+        pending: _InFlight | None = None
+        try:
+            for moe in layers:
+                rel = fmt.layer_file(moe.layer)
+                rec = state.reusable(rel)
+                if rec is None:
+                    t0 = time.perf_counter()
+                    geo = geometry_of(ckpt.get, moe)
+                    result = convert_layer(ckpt.get, moe, geo, mode, device)
+                    if pending:
+                        yield _record(pending, state, bar)
+                    pending = _InFlight(
+                        moe,
+                        rel,
+                        pool.submit(write_safetensors, out, rel, result.tensors, _layer_meta(moe)),
+                        {
+                            "file": None,
+                            "geometry": geo.__dict__,
+                            "fidelity": result.measure(),
+                            "gate_up_requantized_experts": result.gate_up_requantized_experts,
+                        },
+                    )
+                    del result
+                    log.info("layer %d converted in %.2fs", moe.layer, time.perf_counter() - t0)
+                    continue
+                if pending:
+                    yield _record(pending, state, bar)
+                    pending = None
+                bar.update(1)
+                yield moe, rec
+            if pending:
+                yield _record(pending, state, bar)
+                pending = None
+        except BaseException:
+            if pending:  # keep the layer whose write was under way: a rerun will not redo it
+                with contextlib.suppress(Exception):
+                    _record(pending, state, bar)
+            raise
+
+
+def _record(done: _InFlight, state: _State, bar: Any) -> tuple[MoELayer, dict[str, Any]]:
+    """Wait for an in-flight layer file and record it as finished."""
+    done.rec["file"] = done.writing.result().record("moe_layer")
+    state.add(done.rel, done.rec)
+    bar.update(1)
+    return done.moe, done.rec
 
 
 def _dense_shards(ckpt: Checkpoint, expert_names: set[str]) -> dict[str, list[str]]:
