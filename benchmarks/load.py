@@ -4,10 +4,13 @@ Compares, warm (page cache) and cold (pages dropped with posix_fadvise DONTNEED)
 `moepack.runtime.load` (buffered and O_DIRECT), plain `safetensors.torch.load_file` of the same
 layer file, the raw-checkpoint path (512 x 8 per-expert tensors + stack/pad/swizzle/alphas on the
 device), and the machine's limits: pinned host-to-device copy rate and sequential disk read rate.
-Reports peak device memory over the final footprint. `--device cpu` is a smoke mode on a tiny
-layer (no pinned copies, no device memory figures).
+Reports peak device memory over the final footprint. `--threads 1 4 8 16` times `moepack load`
+(buffered and O_DIRECT, warm and cold) once per reader thread count, one table row each; warm
+times are the best of `--repeats`. `--device cpu` is a smoke mode on a tiny layer (no pinned
+copies, no device memory figures).
 
     python benchmarks/load.py --out results.json            # H100: ~5 min incl. generation
+    python benchmarks/load.py --source ckpt --threads 1 4 8 16 --out results.json
     python benchmarks/load.py --device cpu --out smoke.json
 """
 
@@ -28,6 +31,7 @@ from safetensors.torch import load_file
 from moepack.convert import synthetic
 from moepack.convert.pipeline import convert_checkpoint
 from moepack.runtime import layout, load, scales
+from moepack.runtime.loader import READ_THREADS
 
 READ_CHUNK = 64 << 20
 
@@ -48,17 +52,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, cold: list[Path] | None) -> float:
-    """Seconds for fn(), after dropping `cold` files from the page cache if given."""
-    if cold:
-        drop_cache(cold)
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    elapsed = time.perf_counter() - start
-    del result
-    return elapsed
+def timed(
+    fn: Callable[[], Any], device: torch.device, cold: list[Path] | None, repeats: int = 1
+) -> float:
+    """Best seconds for fn() over `repeats` runs, each after dropping `cold` files from the page
+    cache if given."""
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        if cold:
+            drop_cache(cold)
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+        del result
+    return best
 
 
 def disk_read(path: Path, view: memoryview) -> None:
@@ -113,7 +122,14 @@ def peak_ratio(fn: Callable[[], Any], footprint: int, device: torch.device) -> f
     return peak / footprint
 
 
-def measure(device: torch.device, work: Path, smoke: bool, source: Path | None) -> dict[str, Any]:
+def measure(
+    device: torch.device,
+    work: Path,
+    smoke: bool,
+    source: Path | None,
+    threads: list[int],
+    repeats: int,
+) -> dict[str, Any]:
     spec = synthetic.default_spec("super") if smoke else synthetic.super_layer_spec()
     t0 = time.perf_counter()
     src = source or synthetic.write_checkpoint(work / "src", spec)
@@ -126,23 +142,32 @@ def measure(device: torch.device, work: Path, smoke: bool, source: Path | None) 
     dev = str(device)
     read_buf = memoryview(bytearray(READ_CHUNK))
 
-    def moepack_load(direct: bool = False) -> Any:
-        return load(art_root, device=device, backend="reference", direct_io=direct)
+    def moepack_load(direct: bool = False, n: int | None = None) -> Any:
+        return load(art_root, device=device, backend="reference", direct_io=direct, read_threads=n)
 
     footprint = moepack_load().nbytes
     seconds: dict[str, float] = {}
     for mode, cold in (("warm", None), ("cold", [layer_file])):
-        if mode == "warm":
-            moepack_load()  # populate the page cache and warm up CUDA
-        seconds[f"moepack_{mode}"] = timed(moepack_load, device, cold)
-        seconds[f"moepack_direct_{mode}"] = timed(lambda: moepack_load(True), device, cold)
+        reps = repeats if mode == "warm" else 1
+        for n in threads:
+            if mode == "warm":
+                moepack_load(False, n)  # populate the page cache, warm up CUDA and the buffers
+                moepack_load(True, n)
+            seconds[f"moepack_t{n}_{mode}"] = timed(
+                lambda n=n: moepack_load(False, n), device, cold, reps
+            )
+            seconds[f"moepack_direct_t{n}_{mode}"] = timed(
+                lambda n=n: moepack_load(True, n), device, cold, reps
+            )
         seconds[f"safetensors_{mode}"] = timed(
-            lambda: load_file(str(layer_file), device=dev), device, cold
+            lambda: load_file(str(layer_file), device=dev), device, cold, reps
         )
         seconds[f"raw_checkpoint_{mode}"] = timed(
             lambda: raw_checkpoint_path(src, device, spec), device, shards if cold else None
         )
-        seconds[f"disk_read_{mode}"] = timed(lambda: disk_read(layer_file, read_buf), device, cold)
+        seconds[f"disk_read_{mode}"] = timed(
+            lambda: disk_read(layer_file, read_buf), device, cold, reps
+        )
     if device.type == "cuda":
         seconds["pinned_h2d"] = pinned_h2d(nbytes, device)
     rates = {k: nbytes / s / 1e9 for k, s in seconds.items()}
@@ -150,12 +175,15 @@ def measure(device: torch.device, work: Path, smoke: bool, source: Path | None) 
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "geometry": {"E": spec.num_experts, "H": spec.moe_hidden, "n": spec.intermediate},
         "file_bytes": nbytes,
+        "threads": threads,
+        "default_threads": READ_THREADS,
+        "cpu_count": os.cpu_count(),
         "footprint_bytes": footprint,
         "prep_seconds": prep,
         "seconds": seconds,
         "gb_per_s": rates,
         "peak_over_footprint": {
-            "moepack": peak_ratio(moepack_load, footprint, device),
+            "moepack": peak_ratio(lambda: moepack_load(False, max(threads)), footprint, device),
             "safetensors": peak_ratio(
                 lambda: load_file(str(layer_file), device=dev), footprint, device
             ),
@@ -168,44 +196,64 @@ def measure(device: torch.device, work: Path, smoke: bool, source: Path | None) 
 
 def table(r: dict[str, Any]) -> str:
     g, s = r["gb_per_s"], r["seconds"]
+    threads = r["threads"]
     lines = [
         f"Device: {r['device']}; layer file {r['file_bytes'] / 1e9:.2f} GB "
-        f"(E={r['geometry']['E']}, H={r['geometry']['H']}, n={r['geometry']['n']})",
+        f"(E={r['geometry']['E']}, H={r['geometry']['H']}, n={r['geometry']['n']}); "
+        f"{r['cpu_count']} CPUs, default reader threads {r['default_threads']}",
         "",
-        "| path | warm s | warm GB/s | cold s | cold GB/s | peak / footprint |",
-        "|---|---|---|---|---|---|",
+        "| path | threads | warm s | warm GB/s | cold s | cold GB/s | peak / footprint |",
+        "|---|---|---|---|---|---|---|",
     ]
     peaks = r["peak_over_footprint"]
-    for key, label in (
-        ("moepack", "moepack load"),
-        ("moepack_direct", "moepack load, O_DIRECT"),
-        ("safetensors", "safetensors load_file"),
-        ("raw_checkpoint", "raw checkpoint + convert"),
-        ("disk_read", "disk read (limit)"),
-    ):
-        peak = peaks.get(key)
+    rows = []
+    for n in threads:
+        rows.append(
+            (f"moepack_t{n}", "moepack load", str(n), "moepack" if n == max(threads) else "")
+        )
+        rows.append((f"moepack_direct_t{n}", "moepack load, O_DIRECT", str(n), ""))
+    rows += [
+        ("safetensors", "safetensors load_file", "1", "safetensors"),
+        ("raw_checkpoint", "raw checkpoint + convert", "1", "raw_checkpoint"),
+        ("disk_read", "disk read, 64 MiB readinto (limit)", "1", ""),
+    ]
+    for key, label, n, peak_key in rows:
+        peak = peaks.get(peak_key)
         lines.append(
-            f"| {label} | {s[key + '_warm']:.3f} | {g[key + '_warm']:.2f} | {s[key + '_cold']:.3f}"
-            f" | {g[key + '_cold']:.2f} | {'-' if peak is None else f'{peak:.2f}x'} |"
+            f"| {label} | {n} | {s[key + '_warm']:.3f} | {g[key + '_warm']:.2f} "
+            f"| {s[key + '_cold']:.3f} | {g[key + '_cold']:.2f} "
+            f"| {'-' if peak is None else f'{peak:.2f}x'} |"
         )
     if "pinned_h2d" in g:
         lines.append(
-            f"| pinned H2D copy (limit) | {s['pinned_h2d']:.3f} | {g['pinned_h2d']:.2f} | | | |"
+            f"| pinned H2D copy (limit) | | {s['pinned_h2d']:.3f} | {g['pinned_h2d']:.2f} | | | |"
         )
+    warm_n = max(threads, key=lambda n: g[f"moepack_t{n}_warm"])
+    cold = {
+        f"{'O_DIRECT' if d else 'buffered'}, {n} threads": g[
+            f"moepack{'_direct' if d else ''}_t{n}_cold"
+        ]
+        for n in threads
+        for d in (False, True)
+    }
+    cold_mode = max(cold, key=cold.__getitem__)
+    warm = g[f"moepack_t{warm_n}_warm"]
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     if "pinned_h2d" in g:
         lines.append(
-            f"| warm load / pinned H2D | {g['moepack_warm'] / g['pinned_h2d']:.2f} | >= 0.5 |"
+            f"| warm load ({warm_n} threads) / pinned H2D | {warm / g['pinned_h2d']:.2f} | >= 0.5 |"
         )
     lines.append(
-        f"| warm load / safetensors warm | {g['moepack_warm'] / g['safetensors_warm']:.2f} | >= 4 |"
-    )
-    best_cold = max(g["moepack_cold"], g["moepack_direct_cold"])
-    lines.append(
-        f"| cold load (best mode) / disk read cold | {best_cold / g['disk_read_cold']:.2f} | >= 0.9 |"
+        f"| warm load ({warm_n} threads) / safetensors warm "
+        f"| {warm / g['safetensors_warm']:.2f} | >= 4 |"
     )
     lines.append(
-        f"| warm load / raw checkpoint warm | {g['moepack_warm'] / g['raw_checkpoint_warm']:.2f} | |"
+        f"| cold load (best: {cold_mode}) / disk read cold "
+        f"| {cold[cold_mode] / g['disk_read_cold']:.2f} | >= 0.9 |"
+    )
+    lines.append(
+        f"| warm load ({warm_n} threads) / raw checkpoint warm "
+        f"| {warm / g['raw_checkpoint_warm']:.2f} | |"
     )
     return "\n".join(lines)
 
@@ -218,11 +266,19 @@ def main() -> None:
     ap.add_argument(
         "--source", type=Path, help="reuse a checkpoint made by synthetic.super_layer_spec()"
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[READ_THREADS],
+        help=f"reader thread counts to time moepack load with (default: {READ_THREADS})",
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="warm runs per figure (best kept)")
     args = ap.parse_args()
     device = torch.device(args.device)
     smoke = device.type == "cpu"
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        result = measure(device, Path(tmp), smoke, args.source)
+        result = measure(device, Path(tmp), smoke, args.source, args.threads, args.repeats)
     print(table(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from moepack.convert.pipeline import convert_checkpoint
 from moepack.runtime import load
 from moepack.runtime.format import ManifestError
-from moepack.runtime.loader import CompatibilityError
+from moepack.runtime.loader import CompatibilityError, _Reader
 from moepack.runtime.safetensors_header import read_header
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -218,11 +218,14 @@ def test_paths_agree_when_lossless(artifacts) -> None:
 # -- loader -----------------------------------------------------------------------------------
 
 
-def test_loaded_bytes_equal_file_bytes(artifacts) -> None:
+@pytest.mark.parametrize("threads,chunk", [(None, None), (1, 4096), (3, 3 * 4096), (8, 5 * 4096)])
+def test_loaded_bytes_equal_file_bytes(artifacts, threads, chunk) -> None:
     """Zero arithmetic: every tensor's bytes are the file's bytes at its header offsets, and all
-    of a layer's tensors are views of one storage holding exactly the file's data region."""
+    of a layer's tensors are views of one storage holding exactly the file's data region, however
+    many threads read it in however many chunks."""
     root = artifacts[("gated", "baked")]
-    art = load(root, device="cpu")
+    tuning = {} if threads is None else {"read_threads": threads, "chunk_bytes": chunk}
+    art = load(root, device="cpu", **tuning)
     for layer, moe in art.moe_layers.items():
         path = root / f"moe/layer-{layer:05d}.safetensors"
         raw = path.read_bytes()
@@ -234,6 +237,26 @@ def test_loaded_bytes_equal_file_bytes(artifacts) -> None:
             assert t.untyped_storage().data_ptr() == base
             assert t.data_ptr() - base == entry.start - header.data_start
             assert t.reshape(-1).view(torch.uint8).numpy().tobytes() == raw[entry.start : entry.end]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("readahead", [0, 8 * 4096])
+def test_parallel_reader_bytes_equal(tmp_path, threads, readahead) -> None:
+    """The threaded reader fills a destination with exactly the file's bytes from any offset:
+    many chunks, an odd tail, more threads than chunks left at the end."""
+    path = tmp_path / "blob"
+    data = torch.randint(
+        0, 256, (13 * 4096 + 1234,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    path.write_bytes(data.numpy().tobytes())
+    raw = path.read_bytes()
+    with _Reader(torch.device("cpu"), False, 2 * 4096, threads=threads, readahead=readahead) as r:
+        for offset in (0, 4096, 3 * 4096 + 7, len(raw) - 5):
+            dst = torch.zeros(len(raw) - offset, dtype=torch.uint8)
+            r.read_into(path, offset, memoryview(dst.numpy()).cast("B"))
+            assert dst.numpy().tobytes() == raw[offset:]
+        with pytest.raises(OSError, match="unexpected end of file"):
+            r.read_into(path, 4096, memoryview(bytearray(len(raw))))
 
 
 def test_layer_subset_and_per_layer_backend(artifacts, caplog) -> None:
