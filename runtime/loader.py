@@ -68,9 +68,9 @@ small enough that a layer splits into many chunks for the threads and that the r
 buffers stays a few hundred MiB."""
 
 READ_THREADS = min(16, os.cpu_count() or 1)
-"""16 threads reached 33.5 GB/s warm on a 16-core H100 host (8: 26.2, 4: 17.6; benchmarks/load.py)."""
 """Threads reading chunks in parallel. One thread copies ~7 GB/s out of the page cache on the
-16-core H100 box; pinned H2D runs ~55 GB/s."""
+16-core H100 host, 16 threads 33.5 GB/s (8: 26.2, 4: 17.6; benchmarks/load.py); pinned H2D
+runs ~45-55 GB/s."""
 
 READAHEAD_BYTES = 256 << 20
 """How far ahead of the reads buffered loads ask the kernel to read (POSIX_FADV_WILLNEED);
