@@ -9,6 +9,7 @@ files whose bytes still hash to the recorded sha256 and redoes the rest.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -49,6 +50,18 @@ class Source:
 
     root: Path
     record: dict[str, Any]
+
+
+def _limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas at 2: with one arena per thread (torch's pool, the fidelity
+    and writer threads) freed layer temporaries stay resident; on a 16-core host a two-layer
+    conversion peaked at 9.9 GB RSS, 4.6 GB with MALLOC_ARENA_MAX=2. No-op without glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_arena_max = -8
+    mallopt(m_arena_max, 2)
 
 
 def sha256_file(path: Path) -> str:
@@ -274,7 +287,14 @@ def _layer_files(
                     pending = _InFlight(
                         moe,
                         rel,
-                        pool.submit(write_safetensors, out, rel, result.tensors, _layer_meta(moe)),
+                        pool.submit(
+                            write_safetensors,
+                            out,
+                            rel,
+                            result.tensors,
+                            _layer_meta(moe),
+                            release=True,
+                        ),
                         {
                             "file": None,
                             "geometry": geo.__dict__,
@@ -399,6 +419,7 @@ def convert_checkpoint(
             f"b12x scales {b12x_scales!r}: choose one of {', '.join(fmt.B12X_MODES)}"
         )
     t0 = time.perf_counter()
+    _limit_malloc_arenas()
     out = Path(out)
     src = resolve_source(str(source), revision, moe_only, progress, **hub)
     ckpt = Checkpoint(src.root)

@@ -21,7 +21,7 @@ from moepack.runtime.format import Geometry
 from .checkpoint import CheckpointError
 from .moe_layers import MoELayer
 
-FIDELITY_CHUNK = 8
+FIDELITY_CHUNK = 4
 """Experts per chunk when measuring error: bounds the float32 temporaries (~40 MB a chunk on
 Nemotron Super)."""
 FIDELITY_WORKERS = 8

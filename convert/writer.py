@@ -185,24 +185,35 @@ def safetensors_header(
 def write_safetensors(
     root: Path,
     relpath: str,
-    tensors: Iterable[tuple[str, torch.Tensor | Blob]],
+    tensors: list[tuple[str, torch.Tensor | Blob]],
     metadata: dict[str, str] | None = None,
     align: bool = True,
+    *,
+    release: bool = False,
 ) -> WrittenFile:
-    """Write a safetensors file atomically, hashing as it goes (no second read)."""
+    """Write a safetensors file atomically, hashing as it goes (no second read).
+
+    `release=True` hands the list over: it is emptied, and each tensor is dropped as soon as it
+    is written, so a file written in the background frees its memory as it goes.
+    """
     blobs = [(n, t if isinstance(t, Blob) else Blob.of(t)) for n, t in tensors]
+    if release:
+        tensors.clear()
     header, plan = safetensors_header(blobs, metadata, align)
+    del blobs
     listing = json.loads(header[8:].decode())
     listing.pop("__metadata__", None)
     zeros = bytes(ALIGNMENT)
     with atomic_open(root / relpath) as f, _HashingWriter(f) as out:
         out.write(header)
-        for _, item in plan:
+        for i, (name, item) in enumerate(plan):
             if isinstance(item, int):
                 out.write(zeros[:item])
                 continue
             for chunk in item.chunks():
                 out.write(chunk)
+            if release:
+                plan[i] = (name, 0)
     return WrittenFile(relpath, out.size, out.hexdigest(), listing)
 
 
