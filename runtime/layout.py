@@ -62,8 +62,10 @@ def swizzle(sf: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected [E, rows, cols] scales, got shape {tuple(sf.shape)}")
     e, rows, cols = sf.shape
     rp, cp = round_up(rows, ROW_TILE), round_up(cols, COL_TILE)
-    padded = torch.zeros((e, rp, cp), dtype=torch.uint8, device=sf.device)
-    padded[:, :rows, :cols] = _as_bytes(sf)
+    padded = _as_bytes(sf)
+    if (rp, cp) != (rows, cols) or not padded.is_contiguous():
+        padded = torch.zeros((e, rp, cp), dtype=torch.uint8, device=sf.device)
+        padded[:, :rows, :cols] = _as_bytes(sf)
     tiles = padded.view(e, rp // 128, 4, 32, cp // 4, 4).permute(0, 1, 4, 3, 2, 5)
     return tiles.reshape(e, rp, cp).view(sf.dtype)
 
