@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cache import drop_cache
+
 from moepack.convert import synthetic
 
 CHUNK = 16 << 20
@@ -33,16 +35,6 @@ s = convert_checkpoint(sys.argv[1], sys.argv[2], moe_only=True, overwrite=True,
                        b12x_scales=sys.argv[3], device=sys.argv[4])
 print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": s["bytes"]}))
 """
-
-
-def drop_cache(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def checkpoint(workdir: Path, layers: int) -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cache import drop_cache
 from safetensors.torch import load_file
 
 from moepack.convert import synthetic
@@ -34,17 +35,6 @@ from moepack.runtime import layout, load, scales
 from moepack.runtime.loader import READ_THREADS
 
 READ_CHUNK = 64 << 20
-
-
-def drop_cache(paths: list[Path]) -> None:
-    """Evict the files' pages (works without root for clean pages)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def sync(device: torch.device) -> None:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from cache import drop_cache
 
 from moepack.convert.writer import Blob, write_json, write_safetensors
 from moepack.runtime.format import Geometry, layer_file
@@ -107,16 +108,6 @@ def _manifest(geo: Geometry, layers: list[int], files: list[dict]) -> dict:
         "files": files,
         "complete": True,
     }
-
-
-def drop_cache(files: list[Path]) -> None:
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # only clean pages can be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_all(files: list[Path], jobs: int) -> None:

@@ -19,6 +19,8 @@ from moepack.convert.pipeline import convert_checkpoint
 from moepack.runtime.format import read_manifest
 from moepack.runtime.verify import verify_artifact
 
+pytestmark = pytest.mark.usefixtures("isolated_hf")
+
 SUPER_REPO = "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4"
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import socket
 import types
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+pytestmark = pytest.mark.usefixtures("isolated_hf")
+
 REPO = "acme/tiny-moe"
 CONFIG = json.dumps({"model_type": "tiny", "num_experts": 4}, indent=2).encode()
 # Deterministic pseudo-random "weights": 16 chunks of the 16 KiB DOWNLOAD_CHUNK_SIZE used below.
@@ -41,28 +42,6 @@ WEIGHTS = b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in ran
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No real network (non-loopback connect() fails the test), no user token, offline off.
-
-    huggingface_hub reads HF_HOME/HF_ENDPOINT/HF_HUB_OFFLINE once at import, hence explicit
-    ``cache_dir=``/``endpoint=``/``token=`` everywhere and the patched constant below."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once at import time
-
-    real_connect = socket.socket.connect
-
-    def loopback_only(self: socket.socket, address: object) -> None:
-        host = address[0] if isinstance(address, tuple) else None
-        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1"):
-            raise AssertionError(f"test tried to reach the network: {address!r}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", loopback_only)
-
-
 @pytest.fixture
 def retry_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Replace the ``time.sleep(1)`` before each in-call retry (only use of ``time`` there)."""

@@ -15,6 +15,8 @@ from huggingface_hub import constants, file_download
 
 from moepack.convert.hub import HubError, HubRepo, open_repo
 
+pytestmark = pytest.mark.usefixtures("isolated_hf")
+
 REPO = "acme/tiny-moe"
 TOKEN = "hf_secret_token_123"
 CONFIG = json.dumps({"model_type": "tiny", "num_experts": 4}).encode()
@@ -22,24 +24,6 @@ QUANT = json.dumps({"quantization": {"quant_algo": "NVFP4"}}).encode()
 WEIGHTS = b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(8192))  # 256 KiB
 CHUNK = 16 * 1024  # DOWNLOAD_CHUNK_SIZE in the resume tests
 SHARD = "model.safetensors"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No token from the environment, offline off, and any non-loopback connect() fails."""
-    for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    real_connect = socket.socket.connect
-
-    def loopback_only(self: socket.socket, address: object) -> None:
-        host = address[0] if isinstance(address, tuple) else None
-        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1"):
-            raise AssertionError(f"test tried to reach the network: {address!r}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", loopback_only)
 
 
 @pytest.fixture

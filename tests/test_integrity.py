@@ -19,23 +19,15 @@ from typing import Any
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_verify import build_artifacts
 
 from moepack.runtime.verify import VerifyReport, verify_artifact
 
 LAYER = "moe/layer-00001.safetensors"
 
 
-@pytest.fixture(scope="module")
-def pristine(
-    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    return build_artifacts(checkpoints, tmp_path_factory.mktemp("pristine"))
-
-
 @pytest.fixture
-def art(pristine: dict[str, Path], tmp_path: Path) -> Path:
-    return Path(shutil.copytree(pristine["super"], tmp_path / "art", symlinks=True))
+def art(artifacts: dict[str, Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(artifacts["super"], tmp_path / "art", symlinks=True))
 
 
 def manifest(root: Path) -> dict[str, Any]:
@@ -67,10 +59,10 @@ def assert_caught(report: VerifyReport, file: str | None = None, code: int | Non
 
 @pytest.mark.parametrize("variant", ["super", "nano", "gated", "super-moe-only"])
 def test_random_bit_flips_are_all_caught(
-    pristine: dict[str, Path], tmp_path: Path, variant: str
+    artifacts: dict[str, Path], tmp_path: Path, variant: str
 ) -> None:
     """120 single-bit flips a variant, half in the first 4 KiB (headers), each caught and named."""
-    root = Path(shutil.copytree(pristine[variant], tmp_path / "a"))
+    root = Path(shutil.copytree(artifacts[variant], tmp_path / "a"))
     rng = random.Random(f"flips-{variant}")
     files = [f["path"] for f in manifest(root)["files"]]
     for i in range(120):

@@ -1,7 +1,7 @@
 """`verify_artifact` and `describe` on real conversions of the synthetic checkpoints, and the
 manifest schema they must follow.
 
-`build_artifacts` is shared with the integrity campaigns in test_integrity.py.
+The `artifacts` fixture (conftest.py) is shared with the integrity campaigns in test_integrity.py.
 """
 
 from __future__ import annotations
@@ -9,42 +9,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
+from conftest import ARTIFACTS
 
-from moepack.convert.pipeline import convert_checkpoint
 from moepack.runtime import verify as verify_mod
 from moepack.runtime.inspect import describe, format_description
 from moepack.runtime.verify import VerifyReport, schema_errors, verify_artifact
 
 SCHEMA = json.loads(verify_mod.SCHEMA_PATH.read_text())
-
-ARTIFACTS: dict[str, tuple[str, dict[str, Any]]] = {
-    # artifact name: (synthetic checkpoint from conftest, convert_checkpoint options)
-    "super": ("super", {"b12x_scales": "baked"}),
-    "super-moe-only": ("super", {"b12x_scales": "baked", "moe_only": True}),
-    "nano": ("nano", {"b12x_scales": "shared", "target": "sm121"}),
-    "gated": ("gated", {"b12x_scales": "baked"}),
-    "gated-untied": ("gated-untied", {"b12x_scales": "shared"}),
-}
-
-
-def build_artifacts(checkpoints: dict[str, Path], root: Path) -> dict[str, Path]:
-    """Convert each synthetic checkpoint the ways `ARTIFACTS` lists, under `root`."""
-    out = {}
-    for name, (source, options) in ARTIFACTS.items():
-        convert_checkpoint(checkpoints[source], root / name, **options)
-        out[name] = root / name
-    return out
-
-
-@pytest.fixture(scope="session")
-def artifacts(
-    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    return build_artifacts(checkpoints, tmp_path_factory.mktemp("artifacts"))
 
 
 @pytest.fixture
