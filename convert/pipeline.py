@@ -27,7 +27,15 @@ import torch
 import moepack
 from moepack.runtime import format as fmt
 
-from .checkpoint import INDEX, QUANT_CONFIG, Checkpoint, CheckpointError, is_pass_through, read_json
+from .checkpoint import (
+    INDEX,
+    QUANT_CONFIG,
+    Checkpoint,
+    CheckpointError,
+    is_pass_through,
+    load_quant_config,
+    read_json,
+)
 from .moe_layers import MoELayer, check_supported_config, find_moe_layers
 from .recipes import resolve_alias
 from .transform import convert_layer, geometry_of
@@ -114,7 +122,7 @@ def hub_source(
     repo_id: str, revision: str | None, moe_only: bool, progress: bool, **hub: Any
 ) -> Source:
     """Config first: refuse an unsupported model before any weight is downloaded."""
-    from .hub import open_repo
+    from .hub import open_repo  # huggingface_hub is imported only when the Hub is used
 
     repo = open_repo(repo_id, revision, **hub)
     first = ["config.json", *([QUANT_CONFIG] if QUANT_CONFIG in repo.files else [])]
@@ -122,8 +130,6 @@ def hub_source(
     root = paths["config.json"].parent
     config = read_json(root / "config.json")
     check_supported_config(config)
-    from .checkpoint import load_quant_config
-
     quant = load_quant_config(root, config)
     if INDEX in repo.files:
         repo.fetch([INDEX])
