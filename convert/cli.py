@@ -64,7 +64,9 @@ def main(verbose: int) -> None:
     type=click.Choice(B12X_MODES),
     default="baked",
     show_default=True,
-    help="baked: TensorRT-LLM's b12x backend (lossy); shared: exact, reuses CUTLASS scales.",
+    help="baked: what TensorRT-LLM's b12x backend consumes (lossy). shared: exact, reuses the "
+    "CUTLASS scales via input_global_scale; derived from FlashInfer 0.7.x source, not yet run "
+    "on SM12x hardware.",
 )
 @click.option("--moe-only", is_flag=True, help="Write only the MoE layers (no pass-through files).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished artifact at --out.")
@@ -112,6 +114,11 @@ def convert(
         f"({summary['bytes'] / 1e9:.2f} GB, {summary['seconds']:.1f} s, "
         f"b12x {summary['b12x_scale_mode']}: max rel err {summary['b12x_max_rel_err']:.4f})"
     )
+    if summary["b12x_scale_mode"] == "shared":
+        click.echo(
+            "note: shared b12x scales follow FlashInfer 0.7.x's input_global_scale path, derived "
+            "from its source and not yet run on SM12x hardware"
+        )
     if summary["gate_up_requantized_experts"]:
         click.echo(
             f"note: {summary['gate_up_requantized_experts']} experts had unequal gate/up "
