@@ -48,28 +48,26 @@ class WrittenFile:
         return rec
 
 
-class _HashingWriter:
-    """Writes in the caller's thread while a helper thread hashes the same buffers: sha256 and
-    the disk each run at a GB/s or two, so overlapped they take the longer of the two, not the
-    sum. Buffers must not change after `write` (tensor views and fresh `bytes` do not)."""
+class _Hasher:
+    """sha256 in a helper thread, fed the same buffers the caller writes: sha256 and the disk each
+    run at a GB/s or two, so overlapped they take the longer of the two, not the sum. Entered
+    before the file (and left after it), so the file's fsync overlaps the hashing too. Buffers
+    must not change after `update` (tensor views and fresh `bytes` do not)."""
 
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.size = f, 0
+    def __init__(self) -> None:
         self._h = hashlib.sha256()
         self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._hash, daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _hash(self) -> None:
+    def _run(self) -> None:
         while (chunk := self._queue.get()) is not None:
             self._h.update(chunk)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self._queue.put(data)
-        self.f.write(data)
-        self.size += len(data)
 
-    def __enter__(self) -> _HashingWriter:
+    def __enter__(self) -> _Hasher:
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -78,6 +76,18 @@ class _HashingWriter:
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
+
+
+class _Sink:
+    """Where a file's bytes go: the file, the hasher, and a byte count."""
+
+    def __init__(self, f: BinaryIO, hasher: _Hasher) -> None:
+        self.f, self.hasher, self.size = f, hasher, 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.hasher.update(data)
+        self.f.write(data)
+        self.size += len(data)
 
 
 @contextmanager
@@ -204,7 +214,8 @@ def write_safetensors(
     listing = json.loads(header[8:].decode())
     listing.pop("__metadata__", None)
     zeros = bytes(ALIGNMENT)
-    with atomic_open(root / relpath) as f, _HashingWriter(f) as out:
+    with _Hasher() as hasher, atomic_open(root / relpath) as f:
+        out = _Sink(f, hasher)
         out.write(header)
         for i, (name, item) in enumerate(plan):
             if isinstance(item, int):
@@ -214,15 +225,16 @@ def write_safetensors(
                 out.write(chunk)
             if release:
                 plan[i] = (name, 0)
-    return WrittenFile(relpath, out.size, out.hexdigest(), listing)
+    return WrittenFile(relpath, out.size, hasher.hexdigest(), listing)
 
 
 def copy_file(src: Path, root: Path, relpath: str) -> WrittenFile:
     """Copy a pass-through file byte for byte, atomically, hashing as it goes."""
-    with open(src, "rb") as fin, atomic_open(root / relpath) as f, _HashingWriter(f) as out:
+    with open(src, "rb") as fin, _Hasher() as hasher, atomic_open(root / relpath) as f:
+        out = _Sink(f, hasher)
         while block := fin.read(COPY_CHUNK):
             out.write(block)
-    return WrittenFile(relpath, out.size, out.hexdigest())
+    return WrittenFile(relpath, out.size, hasher.hexdigest())
 
 
 def write_json(root: Path, relpath: str, obj: Any) -> WrittenFile:

@@ -31,7 +31,7 @@ def tick():
     if calls == budget:
         os._exit(137)  # like SIGKILL: no cleanup, no finally blocks
 
-real_write, real_replace = writer._HashingWriter.write, writer.os.replace
+real_write, real_replace = writer._Sink.write, writer.os.replace
 
 def write(self, data):
     tick()
@@ -41,7 +41,7 @@ def replace(a, b):
     tick()
     real_replace(a, b)
 
-writer._HashingWriter.write = write
+writer._Sink.write = write
 writer.os.replace = replace
 convert_checkpoint(sys.argv[1], sys.argv[2])
 print("calls", calls)
