@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import json
 import logging
 import shutil
@@ -26,6 +25,7 @@ import torch
 
 import moepack
 from moepack.runtime import format as fmt
+from moepack.runtime.verify import sha256_file
 
 from .checkpoint import (
     INDEX,
@@ -45,7 +45,6 @@ log = logging.getLogger("moepack.convert")
 
 PARTIAL = ".moepack-partial"
 STATE = f"{PARTIAL}/state.json"
-HASH_CHUNK = 8 << 20
 
 
 class ConvertError(RuntimeError):
@@ -70,14 +69,6 @@ def _limit_malloc_arenas() -> None:
         return
     m_arena_max = -8
     mallopt(m_arena_max, 2)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hash_files(root: Path, names: list[str]) -> list[dict[str, Any]]:
