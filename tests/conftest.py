@@ -4,11 +4,12 @@ built once per session, and network isolation for the Hub tests."""
 from __future__ import annotations
 
 import socket
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
-from huggingface_hub import constants
+from huggingface_hub import constants, file_download
 
 from moepack.convert import synthetic
 from moepack.convert.pipeline import convert_checkpoint
@@ -74,3 +75,11 @@ def isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
+
+
+@pytest.fixture
+def retry_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """huggingface_hub sleeps 1 s before each in-call retry: record instead of sleeping."""
+    sleeps: list[float] = []
+    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=sleeps.append))
+    return sleeps

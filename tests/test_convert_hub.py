@@ -119,11 +119,12 @@ def test_corrupted_shard_is_refused_with_a_clear_error(checkpoints, tmp_path):
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
-def test_interrupted_download_resumes_and_converts(checkpoints, tmp_path, monkeypatch):
+def test_interrupted_download_resumes_and_converts(
+    checkpoints, tmp_path, monkeypatch, retry_sleeps
+):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 4096)
-    monkeypatch.setattr("huggingface_hub.file_download.time.sleep", lambda s: None)
     with FakeHub() as hub:
         hub.add_repo("acme/super", checkpoints["super"])
         hub.interrupt_once("model-00001-of-00003.safetensors", after_bytes=20000)

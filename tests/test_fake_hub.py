@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import types
 from pathlib import Path
 
 import httpx2
 import pytest
 from fake_hub import FakeHub, git_blob_sha1
-from huggingface_hub import HfApi, constants, file_download, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
@@ -42,14 +41,6 @@ WEIGHTS = b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in ran
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture
-def retry_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Replace the ``time.sleep(1)`` before each in-call retry (only use of ``time`` there)."""
-    sleeps: list[float] = []
-    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=sleeps.append))
-    return sleeps
-
-
 @pytest.fixture
 def repo_dir(tmp_path: Path) -> Path:
     d = tmp_path / "repo"

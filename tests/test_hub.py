@@ -27,14 +27,6 @@ SHARD = "model.safetensors"
 
 
 @pytest.fixture
-def retry_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """huggingface_hub sleeps 1 s before each in-call retry: record instead of sleeping."""
-    sleeps: list[float] = []
-    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=sleeps.append))
-    return sleeps
-
-
-@pytest.fixture
 def repo_dir(tmp_path: Path) -> Path:
     d = tmp_path / "repo"
     (d / "tokenizer").mkdir(parents=True)
