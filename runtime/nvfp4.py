@@ -33,14 +33,15 @@ def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
 
 
 def encode_e2m1(values: torch.Tensor) -> torch.Tensor:
-    """Nearest E2M1 code of each value (round half to even, saturating at 6), as uint8."""
+    """Nearest E2M1 code of each value, as uint8, the way ModelOpt casts: ties go to the even
+    code (0, 2, 4, 6), magnitudes saturate at 6, and the sign bit follows the input's sign even
+    when the magnitude rounds to 0 (a small negative value becomes code 8, negative zero)."""
     values = values.to(torch.float32)
     mag = values.abs().clamp(max=E2M1_MAX)
     bounds = _E2M1_BOUNDS.to(values.device)
     code = torch.searchsorted(bounds, mag.contiguous(), right=False)
     code = code + (mag.unsqueeze(-1) == _ODD_TIE_BOUNDS.to(values.device)).any(-1).to(code.dtype)
-    sign = (values < 0) & (code != 0)
-    return (code + sign.to(code.dtype) * 8).to(torch.uint8)
+    return (code + (values < 0).to(code.dtype) * 8).to(torch.uint8)
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
@@ -88,19 +89,19 @@ def quantize(
     """Quantize `[..., N, K]` to NVFP4 as ModelOpt does; returns (packed, block_scale, scale_2).
 
     `scale_2 = amax / (6 * 448)` over the whole tensor unless given; block scales are
-    `e4m3(block_amax / (6 * scale_2))`; each element takes the nearest code of
-    `w / (block_scale * scale_2)`.
+    `e4m3((block_amax / 6) / scale_2)`, and 1.0 for an all-zero block; each element takes the
+    nearest code of `w / (float(block_scale) * scale_2)`.
     """
     w = weight.to(torch.float32)
     if w.shape[-1] % BLOCK:
         raise ValueError(f"K={w.shape[-1]} is not a multiple of {BLOCK}")
     if scale_2 is None:
-        amax = w.abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
-        scale_2 = amax / (E2M1_MAX * E4M3_MAX)
+        scale_2 = w.abs().amax() / (E2M1_MAX * E4M3_MAX)
     scale_2 = torch.as_tensor(scale_2, dtype=torch.float32).reshape(())
     blocks = w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
-    block_scale = e4m3_from_float(blocks.abs().amax(-1) / (E2M1_MAX * scale_2))
-    denom = block_scale.to(torch.float32).unsqueeze(-1) * scale_2
-    scaled = torch.where(denom > 0, blocks / denom, torch.zeros_like(blocks))
+    per_block = blocks.abs().amax(-1) / E2M1_MAX
+    raw = torch.where(per_block == 0, torch.ones_like(per_block), per_block / scale_2)
+    block_scale = e4m3_from_float(raw)
+    scaled = blocks / (block_scale.to(torch.float32).unsqueeze(-1) * scale_2)
     codes = encode_e2m1(scaled).reshape(w.shape)
     return pack_fp4(codes), block_scale, scale_2
