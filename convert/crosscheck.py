@@ -36,8 +36,12 @@ def sample_layers(layers: list[int], count: int) -> list[int]:
 def crosscheck(artifact: Path, source: str, sample: int = 2) -> list[str]:
     """Mismatch descriptions (empty when every sampled layer's tensors are byte-identical)."""
     manifest = read_manifest(Path(artifact))
-    src = resolve_source(source, manifest["source"].get("commit"), moe_only=True, progress=False)
-    ckpt = Checkpoint(src.root)
+    # A local directory is read as it is: hashing every source file would cost more than the
+    # sampled layers. A hub source is fetched (and checked) at the artifact's commit.
+    root = Path(source)
+    if not root.is_dir():
+        root = resolve_source(source, manifest["source"].get("commit"), True, False).root
+    ckpt = Checkpoint(root)
     found = {m.layer: m for m in find_moe_layers(ckpt.weight_map, ckpt.quant, ckpt.config)}
     geo = Geometry.from_manifest(manifest["model"])
     problems = []

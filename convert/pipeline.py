@@ -364,10 +364,10 @@ def _pass_through(
     index["weight_map"] = dict(sorted(index["weight_map"].items()))
     for name in ckpt.pass_through_files():
         rel = f"{fmt.MODEL_DIR}/{name}"
-        rec = state.reusable(rel) or {
-            "file": copy_file(ckpt.root / name, out, rel).record("model_file")
-        }
-        state.add(rel, rec)
+        rec = state.reusable(rel)
+        if rec is None:
+            rec = {"file": copy_file(ckpt.root / name, out, rel).record("model_file")}
+            state.add(rel, rec)
         records.append(rec["file"])
     records.append(write_json(out, f"{fmt.MODEL_DIR}/{INDEX}", index).record("model_file"))
     return records
