@@ -100,3 +100,5 @@ def test_pad_halves_round_trip():
     assert torch.equal(layout.unpad_halves(p, 3, 4, 2), t)
     with pytest.raises(ValueError):
         layout.pad_dim(t, 1, 2)
+    padded = layout.pad_dim(t, 2, 8)
+    assert not padded[..., 5:].any() and torch.equal(layout.unpad_dim(padded, 2, 5), t)
