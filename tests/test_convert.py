@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from moepack.cli import main
 from moepack.convert import synthetic
-from moepack.convert.cli import main
 from moepack.convert.pipeline import ConvertError, convert_checkpoint
 from moepack.runtime import layout, nvfp4
 from moepack.runtime.format import ALIGNMENT, Geometry, read_manifest

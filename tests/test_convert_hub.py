@@ -41,7 +41,7 @@ def test_cli_alias_through_hub_matches_local_conversion(checkpoints, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "moepack.convert",
+                "moepack",
                 "convert",
                 "nemotron-super-nvfp4",
                 "--target",
@@ -100,7 +100,7 @@ def test_corrupted_shard_is_refused_with_a_clear_error(checkpoints, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "moepack.convert",
+                "moepack",
                 "convert",
                 "acme/super",
                 "--target",

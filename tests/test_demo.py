@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from moepack.convert.cli import main
+from moepack.cli import main
 
 
 @pytest.mark.parametrize(

@@ -102,7 +102,7 @@ def test_sigkill_at_random_times(checkpoints, tmp_path, seed):
     cmd = [
         sys.executable,
         "-m",
-        "moepack.convert",
+        "moepack",
         "convert",
         src,
         "--target",

@@ -4,7 +4,7 @@ loader's zero-arithmetic, one-storage and compatibility guarantees.
 The independent model below reads the synthetic ModelOpt checkpoint's safetensors directly and
 uses its own E2M1 table, its own activation quantization and a per-token loop; it shares no code
 with `moepack.runtime` or `moepack.convert`. It follows the same kernel recipe (documented in
-runtime/reference.py) so the comparison is bit for bit where the artifact is lossless.
+src/moepack/runtime/reference.py) so the comparison is bit for bit where the artifact is lossless.
 """
 
 from __future__ import annotations

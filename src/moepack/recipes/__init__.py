@@ -1,4 +1,4 @@
-"""Recipe aliases: one JSON file per supported model in `manifests/` (installed as moepack.manifests)."""
+"""Conversion recipes: one JSON file per supported model alias, beside this module."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 def recipes() -> dict[str, dict[str, Any]]:
     """Every recipe, by alias."""
     out = {}
-    for entry in resources.files("moepack.manifests").iterdir():
+    for entry in resources.files("moepack.recipes").iterdir():
         if entry.name.endswith(".json"):
             recipe = json.loads(entry.read_text(encoding="utf-8"))
             out[recipe["alias"]] = recipe

@@ -7,7 +7,7 @@ captured in a CUDA graph. Every argument handed to a kernel is a view of the lay
 prepared once here (`cutlass_arguments`, `b12x_arguments`), so forward does no conversion.
 
 Backends by device: SM120/SM121 `hybrid`; SM100 `cutlass` only (b12x is SM12x-only); anything
-else, CPU included, `reference` (runtime/reference.py). Users may force one per layer (third-party
+else, CPU included, `reference` (src/moepack/runtime/reference.py). Users may force one per layer (third-party
 reports say some FlashInfer CUTLASS FP4 paths misbehave on SM121).
 """
 

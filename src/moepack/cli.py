@@ -15,9 +15,8 @@ from typing import Any
 import click
 
 from moepack import __version__
+from moepack.convert.checkpoint import CheckpointError
 from moepack.runtime.format import B12X_MODES, TARGETS
-
-from .checkpoint import CheckpointError
 
 log = logging.getLogger("moepack")
 
@@ -89,8 +88,8 @@ def convert(
     as_json: bool,
 ) -> None:
     """Convert SOURCE (recipe alias, hub repo id or local directory) into an artifact."""
-    from .hub import HubError
-    from .pipeline import ConvertError, convert_checkpoint
+    from moepack.convert.hub import HubError
+    from moepack.convert.pipeline import ConvertError, convert_checkpoint
 
     try:
         summary = convert_checkpoint(
@@ -148,7 +147,7 @@ def verify(
     report = verify_artifact(artifact, quick=quick, jobs=jobs, progress=_show_progress(as_json))
     extra: list[str] = []
     if source and report.exit_code == 0:
-        from .crosscheck import crosscheck
+        from moepack.convert.crosscheck import crosscheck
 
         extra = crosscheck(artifact, source, sample=sample)
     code = report.exit_code or (1 if extra else 0)
@@ -185,7 +184,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def recipes(as_json: bool) -> None:
     """List the model aliases `convert` accepts."""
-    from .recipes import recipes as all_recipes
+    from moepack.recipes import recipes as all_recipes
 
     found = all_recipes()
     if as_json:
@@ -213,7 +212,7 @@ def recipes(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def demo(workdir: Path | None, variant: str, b12x_scales: str, as_json: bool) -> None:
     """Offline end to end: synthetic checkpoint -> convert -> verify -> load -> forward."""
-    from .demo import run_demo
+    from moepack.convert.demo import run_demo
 
     result = run_demo(
         workdir, variant=variant, b12x_scales=b12x_scales, progress=_show_progress(as_json)

@@ -24,6 +24,7 @@ import safetensors
 import torch
 
 import moepack
+from moepack.recipes import resolve_alias
 from moepack.runtime import format as fmt
 from moepack.runtime.verify import sha256_file
 
@@ -37,7 +38,6 @@ from .checkpoint import (
     read_json,
 )
 from .moe_layers import MoELayer, check_supported_config, find_moe_layers
-from .recipes import resolve_alias
 from .transform import convert_layer, geometry_of
 from .writer import Blob, copy_file, write_json, write_safetensors
 

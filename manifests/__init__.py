@@ -1,1 +1,0 @@
-"""Conversion recipes, one JSON file per supported model alias."""
