@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 
 from moepack.convert.pipeline import convert_checkpoint
+from moepack.errors import CompatibilityError, ManifestError, VerificationError
 from moepack.runtime import load
-from moepack.runtime.format import ManifestError
-from moepack.runtime.loader import CompatibilityError, _Reader
+from moepack.runtime.loader import _Reader
 from moepack.runtime.safetensors_header import read_header
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -345,8 +345,12 @@ def test_verify_before_loading(artifacts, tmp_path) -> None:
     data = bytearray(path.read_bytes())
     data[read_header(path).tensors["w13"].start] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(CompatibilityError, match="verification failed"):
+    with pytest.raises(VerificationError, match="verification failed") as failed:
         load(root, device="cpu", verify=True)
+    assert failed.value.exit_code == 1
+    assert [(p.file, p.tensor) for p in failed.value.problems] == [
+        ("moe/layer-00000.safetensors", None)
+    ]
 
 
 def test_rejects_unsupported_inputs(artifacts) -> None:

@@ -1,21 +1,29 @@
 """The `moepack` command line: convert, verify, inspect, recipes, demo.
 
-Exit codes: 0 success; 1 a check failed (verify found mismatches, demo outputs disagreed);
-2 the input is unusable or the call is wrong (click's own usage errors are 2 as well).
+Exit codes (see `moepack.errors`): 0 success; 1 a check failed (verify found mismatches, demo
+outputs disagreed); 2 the input is unusable or the call is wrong (click's own usage errors are 2
+as well); 130 interrupted. Errors become exit codes in one place, `_Command.invoke`: an
+anticipated error (`MoepackError`, `OSError`) prints one line, or a JSON error object on stdout
+with `--json`, and no traceback unless `MOEPACK_DEBUG=1`.
+
+Imports stay light: torch, huggingface_hub and tqdm load only inside the commands that need
+them, so `--help`, `inspect` and `verify` start fast and run on a runtime-only install.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from moepack import __version__
-from moepack.convert.checkpoint import CheckpointError
+from moepack.errors import EXIT_INTERRUPTED, EXIT_UNUSABLE, MoepackError
 from moepack.runtime.format import B12X_MODES, TARGETS
 
 log = logging.getLogger("moepack")
@@ -35,15 +43,46 @@ def _emit(obj: dict[str, Any]) -> None:
     click.echo(json.dumps(obj, indent=2))
 
 
-def _fail(message: str, as_json: bool, code: int = 2) -> None:
+def _debug() -> bool:
+    return os.environ.get("MOEPACK_DEBUG", "") not in ("", "0")
+
+
+def _fail(error: dict[str, Any], code: int, as_json: bool) -> NoReturn:
+    """Report an error (stderr line, or the JSON object on stdout) and exit with `code`."""
+    if _debug():
+        traceback.print_exc()
     if as_json:
-        _emit({"ok": False, "error": message})
+        _emit({"ok": False, "exit_code": code, "error": error})
     else:
-        click.echo(f"moepack: error: {message}", err=True)
-    sys.exit(code)
+        click.echo(f"moepack: error: {error['message']}", err=True)
+    raise click.exceptions.Exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Command(click.Command):
+    """Every moepack command: the one place where errors become exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        as_json = bool(ctx.params.get("as_json"))
+        try:
+            return super().invoke(ctx)
+        except MoepackError as exc:
+            _fail(exc.to_dict(), exc.exit_code, as_json)
+        except OSError as exc:  # disk full, permission denied, ...: the input is unusable
+            error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+            if exc.filename is not None:
+                error["path"] = str(exc.filename)
+            _fail(error, EXIT_UNUSABLE, as_json)
+        except KeyboardInterrupt:
+            _fail(
+                {"type": "KeyboardInterrupt", "message": "interrupted"}, EXIT_INTERRUPTED, as_json
+            )
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="moepack")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
@@ -88,23 +127,19 @@ def convert(
     as_json: bool,
 ) -> None:
     """Convert SOURCE (recipe alias, hub repo id or local directory) into an artifact."""
-    from moepack.convert.hub import HubError
-    from moepack.convert.pipeline import ConvertError, convert_checkpoint
+    from moepack.convert.pipeline import convert_checkpoint
 
-    try:
-        summary = convert_checkpoint(
-            source,
-            out,
-            target=target,
-            b12x_scales=b12x_scales,
-            moe_only=moe_only,
-            revision=revision,
-            overwrite=overwrite,
-            progress=_show_progress(as_json),
-            device=device,
-        )
-    except (CheckpointError, ConvertError, HubError, OSError) as exc:
-        _fail(str(exc), as_json)
+    summary = convert_checkpoint(
+        source,
+        out,
+        target=target,
+        b12x_scales=b12x_scales,
+        moe_only=moe_only,
+        revision=revision,
+        overwrite=overwrite,
+        progress=_show_progress(as_json),
+        device=device,
+    )
     if as_json:
         _emit({"ok": True, **summary})
         return
@@ -167,13 +202,9 @@ def verify(
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect(artifact: Path, as_json: bool) -> None:
     """Describe ARTIFACT: source, target, geometry, layers, scale mode, sizes, fidelity."""
-    from moepack.runtime.format import ManifestError
     from moepack.runtime.inspect import describe, format_description
 
-    try:
-        info = describe(artifact)
-    except ManifestError as exc:
-        _fail(str(exc), as_json)
+    info = describe(artifact)
     if as_json:
         _emit(info)
     else:

@@ -11,8 +11,9 @@ from typing import Any, BinaryIO
 
 import torch
 
+from moepack.errors import CheckpointError, HeaderError, UnsupportedModel
 from moepack.runtime.format import TORCH_DTYPES
-from moepack.runtime.safetensors_header import Header, HeaderError, read_header
+from moepack.runtime.safetensors_header import Header, read_header
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -21,14 +22,6 @@ SUPPORTED_ALGOS = ("NVFP4", "MIXED_PRECISION")
 PASS_THROUGH_MAX = 64 << 20
 """Non-weight files up to this size (config, tokenizer, chat template, custom code) pass through."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5")
-
-
-class CheckpointError(ValueError):
-    """The checkpoint is not a readable ModelOpt NVFP4 checkpoint; the message names the file."""
-
-
-class UnsupportedModel(CheckpointError):
-    """A readable checkpoint that moepack cannot convert (refused before weights are fetched)."""
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,11 @@ from huggingface_hub.file_download import http_get, is_xet_available, repo_folde
 from huggingface_hub.utils import WeakFileLock, build_hf_headers
 from tqdm import tqdm
 
+from moepack.errors import HubError
+
 __all__ = ["HubError", "HubRepo", "RemoteFile", "open_repo"]
 
 _HASH_BLOCK = 8 * 1024 * 1024
-
-
-class HubError(RuntimeError):
-    """A Hub failure explained for the CLI: names the repo/revision/file, never the token."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import safetensors
 import torch
 
 import moepack
+from moepack.errors import CheckpointError, ConvertError, SourceError, UsageError
 from moepack.recipes import resolve_alias
 from moepack.runtime import format as fmt
 from moepack.runtime.verify import sha256_file
@@ -32,7 +33,6 @@ from .checkpoint import (
     INDEX,
     QUANT_CONFIG,
     Checkpoint,
-    CheckpointError,
     is_pass_through,
     load_quant_config,
     read_json,
@@ -45,10 +45,6 @@ log = logging.getLogger("moepack.convert")
 
 PARTIAL = ".moepack-partial"
 STATE = f"{PARTIAL}/state.json"
-
-
-class ConvertError(RuntimeError):
-    """The conversion cannot proceed; the message says why and names the file or tensor."""
 
 
 @dataclass
@@ -157,9 +153,7 @@ def resolve_source(
         return local_source(Path(spec), moe_only)
     if spec.count("/") == 1 and not Path(spec).exists():
         return hub_source(spec, revision, moe_only, progress, **hub)
-    raise ConvertError(
-        f"{spec}: not a recipe alias, a local checkpoint directory, or a hub repo id"
-    )
+    raise SourceError(f"{spec}: not a recipe alias, a local checkpoint directory, or a hub repo id")
 
 
 class _State:
@@ -410,11 +404,9 @@ def convert_checkpoint(
     `device` runs the per-layer arithmetic there (e.g. "cuda"); the bytes are the same.
     """
     if target not in fmt.TARGETS:
-        raise ConvertError(f"target {target!r}: choose one of {', '.join(fmt.TARGETS)}")
+        raise UsageError(f"target {target!r}: choose one of {', '.join(fmt.TARGETS)}")
     if b12x_scales not in fmt.B12X_MODES:
-        raise ConvertError(
-            f"b12x scales {b12x_scales!r}: choose one of {', '.join(fmt.B12X_MODES)}"
-        )
+        raise UsageError(f"b12x scales {b12x_scales!r}: choose one of {', '.join(fmt.B12X_MODES)}")
     t0 = time.perf_counter()
     _limit_malloc_arenas()
     out = Path(out)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moepack.errors import UsageError
 from moepack.runtime import nvfp4
 
 VARIANTS = ("super", "nano", "gated")
@@ -49,7 +50,7 @@ def default_spec(variant: str, **overrides) -> SyntheticSpec:
         "gated": SyntheticSpec("gated", 64, 64, 48, 4, 2, "EE"),
     }
     if variant not in base:
-        raise ValueError(f"unknown synthetic variant {variant!r}; choose from {VARIANTS}")
+        raise UsageError(f"unknown synthetic variant {variant!r}; choose from {VARIANTS}")
     return replace(base[variant], **overrides)
 
 

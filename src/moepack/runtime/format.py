@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from moepack.errors import ManifestError
+
 from .layout import round_up, swizzled_shape
 
 FORMAT_NAME = "moepack"
@@ -127,10 +129,6 @@ DTYPE_SIZES = {
 
 def aligned(offset: int) -> int:
     return round_up(offset, ALIGNMENT)
-
-
-class ManifestError(ValueError):
-    """The manifest is missing, unreadable, or not a complete v1 moepack manifest."""
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

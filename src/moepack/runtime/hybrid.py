@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from moepack.errors import BackendError
+
 from . import reference
 from .format import ACTIVATIONS, Geometry
 from .layout import mma_view
@@ -28,10 +30,6 @@ log = logging.getLogger("moepack.runtime")
 BACKENDS = ("hybrid", "cutlass", "b12x", "reference")
 Capability = tuple[int, int] | None
 """`(major, minor)` compute capability of the device, None for CPU."""
-
-
-class BackendError(ValueError):
-    """A backend that cannot run on this device or with this artifact."""
 
 
 def default_backend(capability: Capability) -> str:

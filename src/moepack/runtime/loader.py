@@ -49,9 +49,10 @@ from typing import Any
 
 import torch
 
+from moepack.errors import CompatibilityError, UsageError, VerificationError
+
 from .format import ACTIVATIONS, B12X_MODES, PAD_PREFIX, TORCH_DTYPES, Geometry, read_manifest
 from .hybrid import (
-    BackendError,
     Capability,
     HybridMoE,
     LayerSpec,
@@ -75,10 +76,6 @@ runs ~45-55 GB/s."""
 READAHEAD_BYTES = 256 << 20
 """How far ahead of the reads buffered loads ask the kernel to read (POSIX_FADV_WILLNEED);
 0 turns it off."""
-
-
-class CompatibilityError(ValueError):
-    """The artifact cannot be served on this device or with this FlashInfer."""
 
 
 @dataclass
@@ -226,7 +223,7 @@ def _select_layers(manifest: dict[str, Any], layers: Iterable[int] | None) -> li
     chosen = [int(layer) for layer in layers]
     missing = sorted(set(chosen) - set(available))
     if missing:
-        raise ValueError(f"layers {missing} are not MoE layers of this artifact ({available})")
+        raise UsageError(f"layers {missing} are not MoE layers of this artifact ({available})")
     return chosen
 
 
@@ -240,13 +237,10 @@ def _resolve_backends(
         overrides = dict(backend or {})
         unknown = sorted(set(overrides) - set(layers))
         if unknown:
-            raise ValueError(f"backend overrides name layers that are not loaded: {unknown}")
+            raise UsageError(f"backend overrides name layers that are not loaded: {unknown}")
         chosen = {layer: overrides.get(layer, base) for layer in layers}
     for name in set(chosen.values()):
-        try:
-            check_backend(name, cap)
-        except BackendError as exc:
-            raise CompatibilityError(str(exc)) from None
+        check_backend(name, cap)
     return chosen
 
 
@@ -259,7 +253,9 @@ def _verify(root: Path) -> None:
 
     report = verify_artifact(root)
     if report.exit_code != 0:
-        raise CompatibilityError(f"verification failed:\n{report.format_text()}")
+        raise VerificationError(
+            f"verification failed:\n{report.format_text()}", report.problems, path=root
+        )
 
 
 def _layer_record(manifest: dict[str, Any], layer: int) -> dict[str, Any]:

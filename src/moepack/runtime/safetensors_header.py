@@ -12,14 +12,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from moepack.errors import HeaderError
+
 from .format import DTYPE_SIZES
 
 MAX_HEADER = 100 * 1024 * 1024
 """Upper bound on the JSON header size (the safetensors library uses the same limit)."""
-
-
-class HeaderError(ValueError):
-    """A safetensors file whose header is malformed or inconsistent with its size."""
 
 
 @dataclass(frozen=True)
