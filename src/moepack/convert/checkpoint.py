@@ -104,9 +104,11 @@ class Checkpoint:
             raise CheckpointError(f"{self.root}: not a directory")
         self.config = read_json(self.root / "config.json")
         self.quant = load_quant_config(self.root, self.config)
-        self.weight_map = self._weight_map()
+        # The caches exist before the weight map is built: a single-file checkpoint's map is
+        # read from its header (ModelOpt writes that layout for small models).
         self._headers: dict[str, Header] = {}
         self._files: dict[str, BinaryIO] = {}
+        self.weight_map = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
         if (self.root / INDEX).exists():

@@ -1,7 +1,8 @@
 """Synthetic ModelOpt NVFP4 checkpoints, quantized exactly as ModelOpt does, for tests and the demo.
 
 Each variant writes a hub-style directory (config.json, hf_quant_config.json, a sharded
-model.safetensors with its index, a tokenizer file) whose MoE experts are NVFP4 and whose other
+model.safetensors with its index or, with `single_file=True`, one model.safetensors, a tokenizer
+file) whose MoE experts are NVFP4 and whose other
 tensors are BF16, FP8 per-tensor or (where the real model has them) non-expert NVFP4 linears.
 Shard boundaries fall inside layers, so one layer's experts span several files.
 """
@@ -262,8 +263,12 @@ def _quantized_modules(names: list[str]) -> dict[str, str]:
     return mods
 
 
-def write_checkpoint(out: Path, spec: SyntheticSpec) -> Path:
-    """Write the checkpoint to `out` (created); deterministic from `spec.seed`."""
+def write_checkpoint(out: Path, spec: SyntheticSpec, *, single_file: bool = False) -> Path:
+    """Write the checkpoint to `out` (created); deterministic from `spec.seed`.
+
+    `single_file=True` writes one `model.safetensors` and no index, the layout ModelOpt's own
+    export uses for small models; the tensors are the same as the sharded layout's.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(spec.seed)
@@ -271,34 +276,39 @@ def write_checkpoint(out: Path, spec: SyntheticSpec) -> Path:
     order: list[str] = list(dense)
     expert_names: list[str] = []
     shard_of: dict[str, int] = {}
+    shards = 1 if single_file else spec.shards
     # Names in layer order: each MoE layer's experts follow its dense tensors, so contiguous
     # shards cut through layers the way real exports do.
-    buffers: list[dict[str, torch.Tensor]] = [dict() for _ in range(spec.shards)]
+    buffers: list[dict[str, torch.Tensor]] = [dict() for _ in range(shards)]
     total_experts = len(spec.moe_layers) * spec.num_experts
     done = 0
     for layer in spec.moe_layers:
         for tensors in _experts(g, spec, layer):
-            shard = min(spec.shards - 1, done * spec.shards // max(total_experts, 1))
+            shard = min(shards - 1, done * shards // max(total_experts, 1))
             for name, t in tensors.items():
                 buffers[shard][name] = t
                 shard_of[name] = shard
             expert_names.extend(tensors)
             done += 1
     for i, name in enumerate(order):
-        shard = i * spec.shards // len(order)
+        shard = i * shards // len(order)
         buffers[shard][name] = dense[name]
         shard_of[name] = shard
     names = order + expert_names
-    files = [f"model-{i + 1:05d}-of-{spec.shards:05d}.safetensors" for i in range(spec.shards)]
+    if single_file:
+        files = ["model.safetensors"]
+    else:
+        files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
     total = 0
     for i, tensors in enumerate(buffers):
         save_file(tensors, str(out / files[i]), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {name: files[shard_of[name]] for name in sorted(names)},
-    }
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if not single_file:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {name: files[shard_of[name]] for name in sorted(names)},
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config, hf_quant = _configs(spec, _quantized_modules(names))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
