@@ -29,7 +29,7 @@ import torch
 from cache import drop_cache
 
 from moepack.convert.writer import Blob, write_json, write_safetensors
-from moepack.runtime.format import Geometry, layer_file
+from moepack.format import Geometry, layer_file
 from moepack.runtime.layout import padded_intermediate
 from moepack.runtime.verify import sha256_file, verify_artifact
 

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from moepack.cli import main
 from moepack.convert import synthetic
 from moepack.convert.pipeline import ConvertError, convert_checkpoint
+from moepack.format import ALIGNMENT, ModelInfo, read_manifest
+from moepack.format.header import read_header
 from moepack.runtime import layout, nvfp4
-from moepack.runtime.format import ALIGNMENT, Geometry, read_manifest
-from moepack.runtime.safetensors_header import read_header
 from moepack.runtime.verify import verify_artifact
 
 EXPECTED_LAYERS = {"super": [1, 3], "nano": [0, 3], "gated": [0, 1], "gated-untied": [0, 1]}
@@ -47,10 +47,10 @@ def converted(checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
 @pytest.mark.parametrize("mode", ["baked", "shared"])
 def test_artifact_structure_and_verify(converted, variant, mode):
     art = converted[(variant, mode)]
-    m = read_manifest(art)
+    m = read_manifest(art).to_json()
     assert m["model"]["moe_layers"] == EXPECTED_LAYERS[variant]
     assert m["b12x_scale_mode"] == mode
-    geo = Geometry.from_manifest(m["model"])
+    geo = ModelInfo.from_json(m["model"]).geometry
     assert geo.intermediate_padded % 256 == 0 and geo.intermediate_padded >= geo.intermediate
     for entry in m["layers"]:
         header = read_header(art / entry["file"])
@@ -72,8 +72,8 @@ def test_artifact_structure_and_verify(converted, variant, mode):
 def test_payload_and_scales_match_source(converted, checkpoints, variant):
     """Independent of the transform: unpad and unswizzle the stored tensors, compare to source."""
     art = converted[(variant, "baked")]
-    m = read_manifest(art)
-    geo = Geometry.from_manifest(m["model"])
+    m = read_manifest(art).to_json()
+    geo = ModelInfo.from_json(m["model"]).geometry
     src = _source_tensors(checkpoints[variant])
     n, n_p = geo.intermediate, geo.intermediate_padded
     for entry in m["layers"]:
@@ -137,10 +137,10 @@ def test_moe_only_and_deterministic(checkpoints, tmp_path):
 
 
 def test_gate_up_requantization_is_reported(converted):
-    m = read_manifest(converted[("gated-untied", "shared")])
+    m = read_manifest(converted[("gated-untied", "shared")]).to_json()
     assert sum(entry["gate_up_requantized_experts"] for entry in m["layers"]) > 0
     assert all(entry["fidelity"]["requant_max_rel_err"] > 0 for entry in m["layers"])
-    tied = read_manifest(converted[("gated", "shared")])
+    tied = read_manifest(converted[("gated", "shared")]).to_json()
     assert all(entry["gate_up_requantized_experts"] == 0 for entry in tied["layers"])
 
 

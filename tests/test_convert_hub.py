@@ -16,7 +16,6 @@ import pytest
 from fake_hub import FakeHub
 
 from moepack.convert.pipeline import convert_checkpoint
-from moepack.runtime.format import read_manifest
 from moepack.runtime.verify import verify_artifact
 
 pytestmark = pytest.mark.usefixtures("isolated_hf")
@@ -61,7 +60,7 @@ def test_cli_alias_through_hub_matches_local_conversion(checkpoints, tmp_path):
         # Only files of the repo were asked for, all pinned to the resolved commit.
         gets = [r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path]
         assert gets and all(f"/resolve/{commit}/" in r.path for r in gets)
-    m = read_manifest(out)
+    m = json.loads((out / "manifest.json").read_text())
     assert m["source"]["type"] == "hub" and m["source"]["revision"] == "main"
     assert {f["path"] for f in m["source"]["files"]} >= {"config.json", "hf_quant_config.json"}
     assert verify_artifact(out).exit_code == 0

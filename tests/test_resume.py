@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moepack.convert.pipeline import convert_checkpoint
-from moepack.runtime.format import MANIFEST
+from moepack.format import MANIFEST
 from moepack.runtime.verify import verify_artifact
 
 CRASH_AFTER = """

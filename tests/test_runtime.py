@@ -20,9 +20,10 @@ from safetensors import safe_open
 
 from moepack.convert.pipeline import convert_checkpoint
 from moepack.errors import CompatibilityError, ManifestError, VerificationError
+from moepack.format import Manifest
+from moepack.format.header import read_header
 from moepack.runtime import load
 from moepack.runtime.loader import _Reader
-from moepack.runtime.safetensors_header import read_header
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -168,10 +169,9 @@ def inputs(tokens: int, hidden: int, seed: int) -> torch.Tensor:
     return x.bfloat16()
 
 
-def source_model(checkpoint: Path, manifest: dict, layer: int) -> SourceModel:
-    m = manifest["model"]
-    rec = next(r for r in manifest["layers"] if r["layer"] == layer)
-    return SourceModel(checkpoint, rec["source_prefix"], m["num_experts"], m["gated"])
+def source_model(checkpoint: Path, manifest: Manifest, layer: int) -> SourceModel:
+    m = manifest.model
+    return SourceModel(checkpoint, manifest.layer(layer).source_prefix, m.num_experts, m.gated)
 
 
 # -- reference vs source -------------------------------------------------------------------
@@ -185,22 +185,22 @@ def test_reference_matches_source(artifacts, checkpoints, variant: str, path: st
     mode = "baked" if path == "baked" else "shared"
     threshold = 1 if path == "cutlass" else 10**6  # route every batch to one path
     art = load(artifacts[(variant, mode)], device="cpu", threshold=threshold)
-    m = art.manifest["model"]
+    m = art.manifest.model
     for i, (layer, moe) in enumerate(art.moe_layers.items()):
         assert moe.route(16) == ("cutlass" if path == "cutlass" else "b12x")
-        x = inputs(16, m["moe_hidden_size"], seed=i)
-        ids, w = routing(16, m["num_experts"], m["top_k"], seed=10 + i)
+        x = inputs(16, m.moe_hidden_size, seed=i)
+        ids, w = routing(16, m.num_experts, m.top_k, seed=10 + i)
         got = moe(x, ids, w)
         src = source_model(checkpoints[variant], art.manifest, layer)
         assert torch.equal(got, src.forward(x, ids, w, path))
         assert torch.all(got[0] == 0)  # the unrouted token
         if path == "baked":
             exact = src.forward(x, ids, w, "shared").float()
-            rec = next(r for r in art.manifest["layers"] if r["layer"] == layer)
+            rec = art.manifest.layer(layer)
             err = (got.float() - exact).norm() / exact.norm()
             # A weight error e in FC1 becomes ~2e after relu2 or SwiGLU, FC2 adds e, and
             # requantizing the perturbed FC2 input adds noise of the same order: allow 4e.
-            assert err <= 4 * rec["fidelity"]["b12x_max_rel_err"]
+            assert err <= 4 * rec.fidelity.b12x_max_rel_err
 
 
 def test_paths_agree_when_lossless(artifacts) -> None:

@@ -24,7 +24,7 @@ import click
 
 from moepack import __version__
 from moepack.errors import EXIT_INTERRUPTED, EXIT_UNUSABLE, MoepackError
-from moepack.runtime.format import B12X_MODES, TARGETS
+from moepack.format.constants import B12X_MODES, TARGETS
 
 log = logging.getLogger("moepack")
 

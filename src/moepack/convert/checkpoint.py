@@ -12,8 +12,8 @@ from typing import Any, BinaryIO
 import torch
 
 from moepack.errors import CheckpointError, HeaderError, UnsupportedModel
-from moepack.runtime.format import TORCH_DTYPES
-from moepack.runtime.safetensors_header import Header, read_header
+from moepack.format.header import Header, read_header
+from moepack.runtime.dtypes import TORCH_DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

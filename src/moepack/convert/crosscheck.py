@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moepack.runtime.format import Geometry, read_manifest
+from moepack.format.validate import read_manifest
 
 from .checkpoint import Checkpoint
 from .moe_layers import find_moe_layers
@@ -40,22 +40,21 @@ def crosscheck(artifact: Path, source: str, sample: int = 2) -> list[str]:
     # sampled layers. A hub source is fetched (and checked) at the artifact's commit.
     root = Path(source)
     if not root.is_dir():
-        root = resolve_source(source, manifest["source"].get("commit"), True, False).root
+        root = resolve_source(source, manifest.source.commit, True, False).root
     ckpt = Checkpoint(root)
     found = {m.layer: m for m in find_moe_layers(ckpt.weight_map, ckpt.quant, ckpt.config)}
-    geo = Geometry.from_manifest(manifest["model"])
     problems = []
-    by_layer = {entry["layer"]: entry for entry in manifest["layers"]}
+    by_layer = {entry.layer: entry for entry in manifest.layers}
     for layer in sample_layers(sorted(by_layer), sample):
         if layer not in found:
             problems.append(f"layer {layer}: not an NVFP4 MoE layer in {source}")
             continue
-        result = convert_layer(ckpt.get, found[layer], geo, manifest["b12x_scale_mode"])
-        path = Path(artifact) / by_layer[layer]["file"]
+        result = convert_layer(ckpt.get, found[layer], manifest.geometry, manifest.b12x_scale_mode)
+        path = Path(artifact) / by_layer[layer].file
         with safe_open(str(path), framework="pt") as f:
             for name, expected in result.tensors:
                 stored = f.get_tensor(name)
                 if not torch.equal(_bytes(stored), _bytes(expected)):
-                    problems.append(f"{by_layer[layer]['file']}:{name}: differs from the source")
+                    problems.append(f"{by_layer[layer].file}:{name}: differs from the source")
     ckpt.close()
     return problems

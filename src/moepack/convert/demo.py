@@ -126,7 +126,7 @@ def run_demo(
         )
         report = verify_artifact(art)
         loaded = load(art, device="cpu")
-        prefixes = {e["layer"]: e["source_prefix"] for e in loaded.manifest["layers"]}
+        prefixes = {e.layer: e.source_prefix for e in loaded.manifest.layers}
         g = torch.Generator().manual_seed(0)
         rows = [
             _layer_row(module, layer, prefixes[layer], ckpt, g)

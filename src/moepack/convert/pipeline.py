@@ -25,8 +25,20 @@ import torch
 
 import moepack
 from moepack.errors import CheckpointError, ConvertError, SourceError, UsageError
+from moepack.format import (
+    Fidelity,
+    FileRecord,
+    Geometry,
+    KernelAbi,
+    LayerRecord,
+    Manifest,
+    ModelInfo,
+    SourceInfo,
+    ToolInfo,
+)
+from moepack.format import constants as fmt
+from moepack.format.validate import manifest_errors
 from moepack.recipes import resolve_alias
-from moepack.runtime import format as fmt
 from moepack.runtime.verify import sha256_file
 
 from .checkpoint import (
@@ -367,23 +379,20 @@ def _pass_through(
     return records
 
 
-def _model_record(ckpt: Checkpoint, layers: list[MoELayer], geo: dict[str, Any]) -> dict[str, Any]:
+def _model_record(ckpt: Checkpoint, layers: list[MoELayer], geo: Geometry) -> ModelInfo:
     cfg = ckpt.config
-    return {
-        "model_type": cfg.get("model_type"),
-        "architectures": cfg.get("architectures"),
-        "quant_algo": ckpt.quant.algo,
-        "activation": "silu" if geo["gated"] else "relu2",
-        "gated": geo["gated"],
-        "num_hidden_layers": int(cfg.get("num_hidden_layers") or max(m.layer for m in layers) + 1),
-        "hidden_size": int(cfg.get("hidden_size") or geo["hidden"]),
-        "moe_hidden_size": geo["hidden"],
-        "intermediate_size": geo["intermediate"],
-        "intermediate_size_padded": geo["intermediate_padded"],
-        "num_experts": geo["num_experts"],
-        "top_k": int(cfg.get("num_experts_per_tok") or cfg.get("moe_topk") or 0),
-        "moe_layers": [m.layer for m in layers],
-    }
+    archs = cfg.get("architectures")
+    return ModelInfo.with_geometry(
+        geo,
+        model_type=cfg.get("model_type"),
+        architectures=None if archs is None else tuple(archs),
+        quant_algo=ckpt.quant.algo,
+        activation="silu" if geo.gated else "relu2",
+        num_hidden_layers=int(cfg.get("num_hidden_layers") or max(m.layer for m in layers) + 1),
+        hidden_size=int(cfg.get("hidden_size") or geo.hidden),
+        top_k=int(cfg.get("num_experts_per_tok") or cfg.get("moe_topk") or 0),
+        moe_layers=tuple(m.layer for m in layers),
+    )
 
 
 def convert_checkpoint(
@@ -425,19 +434,21 @@ def convert_checkpoint(
     if done is not None:
         return _summary(out, done, time.perf_counter() - t0)
     state = _State(out, fingerprint)
-    layer_records, files, geos = [], [], []
+    layer_records: list[LayerRecord] = []
+    files: list[dict[str, Any]] = []
+    geos: list[Geometry] = []
     try:
         for moe, rec in _layer_files(ckpt, layers, out, b12x_scales, state, progress, device):
-            geos.append(rec["geometry"])
+            geos.append(Geometry(**rec["geometry"]))
             files.append(rec["file"])
             layer_records.append(
-                {
-                    "layer": moe.layer,
-                    "source_prefix": moe.prefix,
-                    "file": rec["file"]["path"],
-                    "fidelity": rec["fidelity"],
-                    "gate_up_requantized_experts": rec["gate_up_requantized_experts"],
-                }
+                LayerRecord(
+                    layer=moe.layer,
+                    source_prefix=moe.prefix,
+                    file=rec["file"]["path"],
+                    fidelity=Fidelity.from_json(rec["fidelity"]),
+                    gate_up_requantized_experts=rec["gate_up_requantized_experts"],
+                )
             )
         if any(g != geos[0] for g in geos):
             raise ConvertError(f"{src.root}: MoE layers differ in geometry; one artifact needs one")
@@ -445,32 +456,27 @@ def convert_checkpoint(
             files += _pass_through(ckpt, layers, out, state)
     finally:
         ckpt.close()
-    manifest = {
-        "format": fmt.FORMAT_NAME,
-        "format_version": fmt.FORMAT_VERSION,
-        "tool": {
-            "name": "moepack",
-            "version": moepack.__version__,
-            "torch": torch.__version__,
-            "safetensors": safetensors.__version__,
-        },
-        "source": src.record,
-        "target": target,
-        "model": _model_record(ckpt, layers, geos[0]),
-        "b12x_scale_mode": b12x_scales,
-        "kernel_abi": {
-            "flashinfer": fmt.FLASHINFER_RANGE,
-            "pad_tile": 256,
-            "sf_block": 16,
-            "sf_layout": "cutlass_128x4",
-            "w13_order": ["up", "gate"] if geos[0]["gated"] else ["up"],
-            "alignment": fmt.ALIGNMENT,
-            "prefill_min_tokens": fmt.PREFILL_MIN_TOKENS,
-        },
-        "layers": layer_records,
-        "files": sorted(files, key=lambda f: f["path"]),
-        "complete": True,
-    }
+    manifest = Manifest(
+        tool=ToolInfo("moepack", moepack.__version__, torch.__version__, safetensors.__version__),
+        source=SourceInfo.from_json(src.record),
+        target=target,
+        model=_model_record(ckpt, layers, geos[0]),
+        b12x_scale_mode=b12x_scales,
+        kernel_abi=KernelAbi(
+            flashinfer=fmt.FLASHINFER_RANGE,
+            pad_tile=fmt.PAD_TILE,
+            sf_block=fmt.SF_BLOCK,
+            sf_layout=fmt.SF_LAYOUT,
+            w13_order=("up", "gate") if geos[0].gated else ("up",),
+            alignment=fmt.ALIGNMENT,
+            prefill_min_tokens=fmt.PREFILL_MIN_TOKENS,
+        ),
+        layers=tuple(layer_records),
+        files=tuple(FileRecord.from_json(f) for f in sorted(files, key=lambda f: f["path"])),
+    ).to_json()
+    errors = manifest_errors(manifest)
+    if errors:  # a writer bug; never leave a manifest that load and verify would refuse
+        raise ConvertError(f"{out}: the manifest to be written is invalid: {'; '.join(errors)}")
     write_json(out, fmt.MANIFEST, manifest)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return _summary(out, manifest, time.perf_counter() - t0)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moepack.format import Geometry
 from moepack.runtime import layout, nvfp4, scales
-from moepack.runtime.format import Geometry
 
 from .checkpoint import CheckpointError
 from .moe_layers import MoELayer

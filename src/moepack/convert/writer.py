@@ -19,7 +19,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from moepack.runtime.format import ALIGNMENT, PAD_PREFIX, TORCH_DTYPES
+from moepack.format import ALIGNMENT, PAD_PREFIX
+from moepack.runtime.dtypes import TORCH_DTYPES
 
 TMP_SUFFIX = ".moepack-tmp"
 COPY_CHUNK = 16 << 20

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from moepack.errors import BackendError
+from moepack.format import ACTIVATIONS, Geometry
 
 from . import reference
-from .format import ACTIVATIONS, Geometry
 from .layout import mma_view
 
 log = logging.getLogger("moepack.runtime")

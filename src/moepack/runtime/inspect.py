@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .format import PAD_PREFIX, read_manifest
+from moepack.format import PAD_PREFIX, FileRecord, LayerRecord, SourceInfo
+from moepack.format.validate import read_manifest
 
 _ROLES = {
     "w13": "payload",
@@ -24,56 +25,62 @@ _ROLES = {
 
 
 def describe(root: Path) -> dict[str, Any]:
-    """A JSON-ready summary of the artifact at `root`; raises `ManifestError` if it has none."""
+    """A JSON-ready summary of the artifact at `root`; `ManifestError` unless its manifest is
+    valid (the format's validator, the same one `load` and `verify` use)."""
     m = read_manifest(Path(root))
-    model = m["model"]
+    model = m.model
     return {
         "root": str(root),
-        "format": {"name": m["format"], "version": m["format_version"]},
-        "tool": m["tool"],
-        "source": _source(m["source"]),
-        "target": m["target"],
-        "b12x_scale_mode": m["b12x_scale_mode"],
+        "format": {"name": m.format, "version": m.format_version},
+        "tool": m.tool.to_json(),
+        "source": _source(m.source),
+        "target": m.target,
+        "b12x_scale_mode": m.b12x_scale_mode,
         "model": {
-            k: model.get(k)
-            for k in ("model_type", "architectures", "quant_algo", "activation", "gated")
+            "model_type": model.model_type,
+            "architectures": None if model.architectures is None else list(model.architectures),
+            "quant_algo": model.quant_algo,
+            "activation": model.activation,
+            "gated": model.gated,
         },
         "geometry": {
-            "num_experts": model["num_experts"],
-            "top_k": model["top_k"],
-            "hidden_size": model.get("hidden_size"),
-            "moe_hidden_size": model["moe_hidden_size"],
-            "intermediate_size": model["intermediate_size"],
-            "intermediate_size_padded": model["intermediate_size_padded"],
-            "num_hidden_layers": model.get("num_hidden_layers"),
+            "num_experts": model.num_experts,
+            "top_k": model.top_k,
+            "hidden_size": model.hidden_size,
+            "moe_hidden_size": model.moe_hidden_size,
+            "intermediate_size": model.intermediate_size,
+            "intermediate_size_padded": model.intermediate_size_padded,
+            "num_hidden_layers": model.num_hidden_layers,
         },
-        "moe_layers": {"count": len(model["moe_layers"]), "layers": model["moe_layers"]},
-        "sizes": _sizes(m["files"]),
-        "fidelity": _fidelity(m["layers"]),
-        "kernel_abi": m["kernel_abi"],
+        "moe_layers": {"count": len(model.moe_layers), "layers": list(model.moe_layers)},
+        "sizes": _sizes(m.files),
+        "fidelity": _fidelity(m.layers),
+        "kernel_abi": m.kernel_abi.to_json(),
     }
 
 
-def _source(src: dict[str, Any]) -> dict[str, Any]:
-    keys = ("repo_id", "revision", "commit") if src["type"] == "hub" else ("path",)
-    out = {"type": src["type"], **{k: src.get(k) for k in keys}}
-    out["files"] = len(src["files"])
-    out["bytes"] = sum(f["size"] for f in src["files"])
+def _source(src: SourceInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": src.type}
+    if src.type == "hub":
+        out.update(repo_id=src.repo_id, revision=src.revision, commit=src.commit)
+    else:
+        out["path"] = src.path
+    out["files"] = len(src.files)
+    out["bytes"] = sum(f.size for f in src.files)
     return out
 
 
-def _sizes(files: list[dict[str, Any]]) -> dict[str, Any]:
+def _sizes(files: tuple[FileRecord, ...]) -> dict[str, Any]:
     """Bytes in total, per file kind, and inside MoE layer files per tensor role."""
     by_kind: dict[str, int] = {}
     by_role = {"payload": 0, "scales": 0, "b12x_scales": 0, "other": 0, "padding": 0}
     for f in files:
-        by_kind[f["kind"]] = by_kind.get(f["kind"], 0) + f["size"]
-        if f["kind"] != "moe_layer":
+        by_kind[f.kind] = by_kind.get(f.kind, 0) + f.size
+        if f.kind != "moe_layer":
             continue
-        for name, t in f.get("tensors", {}).items():
-            start, end = t["data_offsets"]
+        for name, t in (f.tensors or {}).items():
             role = "padding" if name.startswith(PAD_PREFIX) else _ROLES.get(name, "other")
-            by_role[role] += end - start
+            by_role[role] += t.nbytes
     return {
         "total": sum(by_kind.values()),
         "files": len(files),
@@ -82,13 +89,13 @@ def _sizes(files: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _fidelity(layers: list[dict[str, Any]]) -> dict[str, Any]:
+def _fidelity(layers: tuple[LayerRecord, ...]) -> dict[str, Any]:
     """Worst and average b12x error over layers, plus each layer's own figures."""
     per_layer = [
         {
-            "layer": e["layer"],
-            **e["fidelity"],
-            "gate_up_requantized_experts": e.get("gate_up_requantized_experts", 0),
+            "layer": e.layer,
+            **e.fidelity.to_json(),
+            "gate_up_requantized_experts": e.gate_up_requantized_experts or 0,
         }
         for e in layers
     ]

@@ -14,27 +14,28 @@ from __future__ import annotations
 
 import torch
 
-from .nvfp4 import BLOCK
+# The shape arithmetic is the format's (torch-free, shared with the validator); re-exported here
+# beside the transforms that use it.
+from moepack.format.constants import COL_TILE, PAD_TILE, ROW_TILE
+from moepack.format.specs import padded_intermediate, round_up, swizzled_shape
 
-ROW_TILE = 128
-COL_TILE = 4
-PAD_TILE = 256
-"""Intermediate-size tile: FlashInfer 0.7.2's b12x static path re-pads (copies every weight of a
-layer) unless `n % 256 == 0` (`_STATIC_RETAINED_GROUP_N` in `moe_dispatch.py`)."""
-
-
-def round_up(value: int, tile: int) -> int:
-    return -(-value // tile) * tile
-
-
-def padded_intermediate(n: int, tile: int = PAD_TILE) -> int:
-    """Intermediate size the artifact stores: `n` rounded up to the kernel tile."""
-    return round_up(n, tile)
-
-
-def swizzled_shape(rows: int, k: int) -> tuple[int, int]:
-    """`(Rp, Cp)` of one expert's swizzled scales for a `[rows, k]` weight."""
-    return round_up(rows, ROW_TILE), round_up(-(-k // BLOCK), COL_TILE)
+__all__ = [
+    "COL_TILE",
+    "PAD_TILE",
+    "ROW_TILE",
+    "mma_unview",
+    "mma_view",
+    "pad_dim",
+    "pad_halves",
+    "padded_intermediate",
+    "round_up",
+    "swizzle",
+    "swizzle_offset",
+    "swizzled_shape",
+    "unpad_dim",
+    "unpad_halves",
+    "unswizzle",
+]
 
 
 def swizzle_offset(r: int, c: int, padded_cols: int) -> int:

@@ -1,9 +1,11 @@
 """`load`: an artifact straight into per-layer `HybridMoE` modules, with copies and views only.
 
-Everything that can refuse the artifact is checked before a weight byte is read: the format
-version, the artifact's target against the device's SM, that the chosen backends exist for the
-device, that the installed FlashInfer takes the manifest's b12x scale mode, and every layer
-file's header against the tensor specs its geometry implies.
+Everything that can refuse the artifact is checked before a weight byte is read: the artifact's
+target against the device's SM, that the chosen backends exist for the device, that the installed
+FlashInfer takes the manifest's b12x scale mode, and everything `moepack verify --quick` checks
+(the format's one validator, `moepack.format.validate`: manifest schema and types, path
+containment, sizes, every header against the manifest and the tensor specs its geometry
+implies, no unlisted files). `verify=True` adds the byte hashes; nothing else differs.
 
 Reading. Each layer file becomes ONE device allocation of exactly its data size (from the first
 tensor to the end of the file); every tensor is a `view(dtype).view(shape)` slice of it at its
@@ -50,8 +52,11 @@ from typing import Any
 import torch
 
 from moepack.errors import CompatibilityError, UsageError, VerificationError
+from moepack.format import ACTIVATIONS, B12X_MODES, PAD_PREFIX, Manifest
+from moepack.format.header import Header, TensorEntry
+from moepack.format.validate import read_manifest, validate_artifact
 
-from .format import ACTIVATIONS, B12X_MODES, PAD_PREFIX, TORCH_DTYPES, Geometry, read_manifest
+from .dtypes import TORCH_DTYPES
 from .hybrid import (
     Capability,
     HybridMoE,
@@ -59,7 +64,6 @@ from .hybrid import (
     check_backend,
     default_backend,
 )
-from .safetensors_header import Header, TensorEntry, read_header
 
 log = logging.getLogger("moepack.runtime")
 
@@ -84,7 +88,7 @@ class Artifact:
     default backend (a layer forced to another one says so in its own `.backend`)."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     backend: str
     device: torch.device
     moe_layers: dict[int, HybridMoE] = field(default_factory=dict)
@@ -124,15 +128,23 @@ def load(
     root = Path(root)
     manifest = read_manifest(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cap = _capability(dev) if capability == "detect" else capability
-    check_target(manifest["target"], cap)
+    if isinstance(capability, str):
+        if capability != "detect":
+            raise UsageError(
+                f"capability must be 'detect', None or (major, minor), not {capability!r}"
+            )
+        cap = _capability(dev)
+    else:
+        cap = capability
+    check_target(manifest.target, cap)
     chosen = _select_layers(manifest, layers)
     per_layer = _resolve_backends(backend, chosen, cap)
     check_model(manifest)
-    check_flashinfer(manifest["b12x_scale_mode"], set(per_layer.values()))
+    check_flashinfer(manifest.b12x_scale_mode, set(per_layer.values()))
+    valid = validate_artifact(root, manifest)  # what verify --quick refuses, load refuses
     if verify:
         _verify(root)
-    headers = {layer: _checked_header(root, manifest, layer) for layer in chosen}
+    headers = {layer: valid.headers[manifest.layer(layer).file] for layer in chosen}
     art = Artifact(root, manifest, _summary_backend(backend, cap), dev)
     reader = _Reader(
         dev,
@@ -179,15 +191,14 @@ def check_target(target: str, capability: Capability) -> None:
         )
 
 
-def check_model(manifest: dict[str, Any]) -> None:
+def check_model(manifest: Manifest) -> None:
     """Refuse activations and scale modes this runtime does not implement."""
-    model = manifest["model"]
-    if model["activation"] not in ACTIVATIONS:
+    if manifest.model.activation not in ACTIVATIONS:
         raise CompatibilityError(
-            f"activation {model['activation']!r} is not supported (only {ACTIVATIONS})"
+            f"activation {manifest.model.activation!r} is not supported (only {ACTIVATIONS})"
         )
-    if manifest["b12x_scale_mode"] not in B12X_MODES:
-        raise CompatibilityError(f"unknown b12x scale mode {manifest['b12x_scale_mode']!r}")
+    if manifest.b12x_scale_mode not in B12X_MODES:
+        raise CompatibilityError(f"unknown b12x scale mode {manifest.b12x_scale_mode!r}")
 
 
 def check_flashinfer(b12x_mode: str, backends: set[str]) -> None:
@@ -216,8 +227,8 @@ def _require(module: str, name: str) -> Any:
         ) from None
 
 
-def _select_layers(manifest: dict[str, Any], layers: Iterable[int] | None) -> list[int]:
-    available = [int(rec["layer"]) for rec in manifest["layers"]]
+def _select_layers(manifest: Manifest, layers: Iterable[int] | None) -> list[int]:
+    available = [rec.layer for rec in manifest.layers]
     if layers is None:
         return available
     chosen = [int(layer) for layer in layers]
@@ -258,52 +269,14 @@ def _verify(root: Path) -> None:
         )
 
 
-def _layer_record(manifest: dict[str, Any], layer: int) -> dict[str, Any]:
-    return next(rec for rec in manifest["layers"] if int(rec["layer"]) == layer)
-
-
-def _layer_spec(manifest: dict[str, Any], layer: int) -> LayerSpec:
-    model = manifest["model"]
+def _layer_spec(manifest: Manifest, layer: int) -> LayerSpec:
     return LayerSpec(
         layer=layer,
-        geometry=Geometry.from_manifest(model),
-        top_k=int(model["top_k"]),
-        activation=model["activation"],
-        b12x_mode=manifest["b12x_scale_mode"],
+        geometry=manifest.geometry,
+        top_k=manifest.model.top_k,
+        activation=manifest.model.activation,
+        b12x_mode=manifest.b12x_scale_mode,
     )
-
-
-def _shape_ok(expected: tuple[int, ...], actual: tuple[int, ...]) -> bool:
-    """Exact, except that a one-element scalar may be stored 0-d or `[1]`."""
-    if expected == actual:
-        return True
-    return len(expected) <= 1 and len(actual) <= 1 and _numel(expected) == _numel(actual) == 1
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _checked_header(root: Path, manifest: dict[str, Any], layer: int) -> Header:
-    """The layer file's header, refused unless it holds exactly the tensors FORMAT.md requires."""
-    path = root / _layer_record(manifest, layer)["file"]
-    header = read_header(path)
-    specs = Geometry.from_manifest(manifest["model"]).tensor_specs(manifest["b12x_scale_mode"])
-    found = {n: t for n, t in header.tensors.items() if not n.startswith(PAD_PREFIX)}
-    if set(found) != set(specs):
-        raise CompatibilityError(
-            f"{path}: tensors {sorted(found)} do not match the format's {sorted(specs)}"
-        )
-    for name, (dtype, shape) in specs.items():
-        t = found[name]
-        if t.dtype != dtype or not _shape_ok(shape, t.shape):
-            raise CompatibilityError(
-                f"{path}: {name} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}"
-            )
-    return header
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -538,7 +511,7 @@ def _log_load(art: Artifact, cap: Capability, threshold: int) -> None:
         where,
         art.backend,
         detail,
-        art.manifest["b12x_scale_mode"],
+        art.manifest.b12x_scale_mode,
         gib,
         art.load_seconds,
     )

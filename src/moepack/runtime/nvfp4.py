@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 16
+from moepack.format.constants import SF_BLOCK
+
+BLOCK = SF_BLOCK
 """Elements sharing one E4M3 block scale."""
 
 E2M1_MAX = 6.0

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moepack.format import Geometry
+
 from . import nvfp4
-from .format import Geometry
 from .layout import unpad_halves, unswizzle
 
 CUTLASS_PATH = "cutlass"

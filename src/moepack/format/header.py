@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moepack.errors import HeaderError
 
-from .format import DTYPE_SIZES
+from .specs import DTYPE_SIZES
 
 MAX_HEADER = 100 * 1024 * 1024
 """Upper bound on the JSON header size (the safetensors library uses the same limit)."""
@@ -50,27 +50,30 @@ def read_header(path: Path, file_size: int | None = None) -> Header:
             f.seek(0)
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise HeaderError(f"{path}: {len(prefix)} bytes, too short for a safetensors file")
+                raise HeaderError(
+                    f"{path}: {len(prefix)} bytes, too short for a safetensors file", path=path
+                )
             (length,) = struct.unpack("<Q", prefix)
             if length > MAX_HEADER or 8 + length > size:
                 raise HeaderError(
-                    f"{path}: header length {length} exceeds the file ({size} bytes) or the limit"
+                    f"{path}: header length {length} exceeds the file ({size} bytes) or the limit",
+                    path=path,
                 )
             raw = f.read(length)
     except OSError as exc:
-        raise HeaderError(f"{path}: cannot read: {exc}") from None
+        raise HeaderError(f"{path}: cannot read: {exc}", path=path) from None
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"{path}: header is not valid JSON: {exc}") from None
+        raise HeaderError(f"{path}: header is not valid JSON: {exc}", path=path) from None
     if not isinstance(obj, dict):
-        raise HeaderError(f"{path}: header is not a JSON object")
+        raise HeaderError(f"{path}: header is not a JSON object", path=path)
     data_start = 8 + length
     metadata = obj.pop("__metadata__", {}) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise HeaderError(f"{path}: __metadata__ must map strings to strings")
+        raise HeaderError(f"{path}: __metadata__ must map strings to strings", path=path)
     tensors = {name: _entry(path, name, info, data_start) for name, info in obj.items()}
     _check_extent(path, tensors, data_start, size)
     return Header(path=path, data_start=data_start, tensors=tensors, metadata=metadata)
@@ -78,28 +81,42 @@ def read_header(path: Path, file_size: int | None = None) -> Header:
 
 def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
     if not isinstance(info, dict):
-        raise HeaderError(f"{path}: tensor {name!r}: entry is not an object")
+        raise HeaderError(
+            f"{path}: tensor {name!r}: entry is not an object", path=path, tensor=name
+        )
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise HeaderError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+        raise HeaderError(
+            f"{path}: tensor {name!r}: unknown dtype {dtype!r}", path=path, tensor=name
+        )
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise HeaderError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of sizes")
+        raise HeaderError(
+            f"{path}: tensor {name!r}: shape {shape!r} is not a list of sizes",
+            path=path,
+            tensor=name,
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
         or offsets[1] < offsets[0]
     ):
-        raise HeaderError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
+        raise HeaderError(
+            f"{path}: tensor {name!r}: bad data_offsets {offsets!r}", path=path, tensor=name
+        )
     nbytes = DTYPE_SIZES[dtype]
     for d in shape:
         nbytes *= d
     if offsets[1] - offsets[0] != nbytes:
         raise HeaderError(
             f"{path}: tensor {name!r}: {dtype}{shape} needs {nbytes} bytes, "
-            f"offsets span {offsets[1] - offsets[0]}"
+            f"offsets span {offsets[1] - offsets[0]}",
+            path=path,
+            tensor=name,
+            expected=nbytes,
+            found=offsets[1] - offsets[0],
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
@@ -110,7 +127,11 @@ def _check_extent(path: Path, tensors: dict[str, TensorEntry], data_start: int, 
     for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if t.start != cursor:
             what = "overlaps the previous tensor" if t.start < cursor else "leaves a gap before it"
-            raise HeaderError(f"{path}: tensor {t.name!r} at offset {t.start} {what}")
+            raise HeaderError(
+                f"{path}: tensor {t.name!r} at offset {t.start} {what}", path=path, tensor=t.name
+            )
         cursor = t.end
     if cursor != size:
-        raise HeaderError(f"{path}: tensors end at byte {cursor} but the file has {size} bytes")
+        raise HeaderError(
+            f"{path}: tensors end at byte {cursor} but the file has {size} bytes", path=path
+        )

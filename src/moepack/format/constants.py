@@ -1,0 +1,34 @@
+"""Names and numbers of artifact format v1 (`docs/FORMAT.md` is the normative text)."""
+
+from __future__ import annotations
+
+FORMAT_NAME = "moepack"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ALIGNMENT = 4096
+"""Every tensor's data starts at a file offset that is a multiple of this."""
+PAD_PREFIX = "__pad__."
+"""Filler tensors (U8, zeros) that keep the next tensor aligned; safetensors allows no gaps."""
+MOE_DIR = "moe"
+MODEL_DIR = "model"
+TARGETS = ("sm120", "sm121")
+B12X_MODES = ("baked", "shared")
+ACTIVATIONS = ("relu2", "silu")
+FILE_KINDS = ("moe_layer", "model_shard", "model_file")
+FLASHINFER_RANGE = ">=0.7.2,<0.8"
+PREFILL_MIN_TOKENS = 64
+SF_BLOCK = 16
+"""NVFP4 block size: one E4M3 scale per 16 consecutive FP4 values of a row."""
+SF_LAYOUT = "cutlass_128x4"
+ROW_TILE = 128
+COL_TILE = 4
+PAD_TILE = 256
+"""Intermediate-size tile: FlashInfer 0.7.2's b12x static path re-pads (copies every weight of a
+layer) unless `n % 256 == 0` (`_STATIC_RETAINED_GROUP_N` in `moe_dispatch.py`)."""
+LEFTOVER_MARKERS = (".moepack-tmp", ".moepack-partial")
+"""Names a conversion uses while it runs; their presence means it was interrupted."""
+
+
+def layer_file(layer: int) -> str:
+    """Relative path of the file holding MoE layer `layer`."""
+    return f"{MOE_DIR}/layer-{layer:05d}.safetensors"
