@@ -13,7 +13,7 @@ from moepack.cli import main
 from moepack.convert import synthetic
 from moepack.convert.checkpoint import Checkpoint
 from moepack.convert.pipeline import convert_checkpoint
-from moepack.runtime.format import read_manifest
+from moepack.format import read_manifest
 from moepack.runtime.loader import load
 from moepack.runtime.verify import verify_artifact
 
@@ -47,7 +47,7 @@ def test_convert_verify_load_single_file(single: Path, tmp_path: Path, checkpoin
     result = CliRunner().invoke(main, ["convert", str(single), "--target", "sm120", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert verify_artifact(out).exit_code == 0
-    m = read_manifest(out)
+    m = read_manifest(out).to_json()
     assert [f["path"] for f in m["source"]["files"] if f["path"].endswith(".safetensors")] == [
         "model.safetensors"
     ]
