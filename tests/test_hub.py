@@ -141,7 +141,7 @@ def test_interrupted_download_resumes_in_next_call(
     monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=link_dies))
     hub.interrupt_once(SHARD, after_bytes=100_000)
     saved = (100_000 // CHUNK) * CHUNK
-    with pytest.raises(HubError, match=r"'model\.safetensors'.*rerun to resume"):
+    with pytest.raises(HubError, match=r"'model\.safetensors'.*bytes saved: rerun to resume"):
         _open(hub, cache).fetch([SHARD])
     part = _storage(cache) / "blobs" / f"{hashlib.sha256(WEIGHTS).hexdigest()}.part"
     assert part.stat().st_size == saved
@@ -153,6 +153,22 @@ def test_interrupted_download_resumes_in_next_call(
     assert resumed.range == f"bytes={saved}-" and resumed.status == 206
     assert resumed.bytes_sent == len(WEIGHTS) - saved
     assert not part.exists()
+
+
+def test_dead_link_that_saved_nothing_does_not_promise_a_resume(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch, retry_sleeps: list[float]
+) -> None:
+    """A transfer cut before its first byte leaves no .part: the error says nothing was saved
+    instead of telling the user to rerun to resume."""
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
+    hub.interrupt(SHARD, after_bytes=0, times=10)
+    with pytest.raises(HubError) as err:
+        _open(hub, cache).fetch([SHARD])
+    message = str(err.value)
+    assert "'model.safetensors'" in message and "nothing of this file was saved" in message
+    assert "resume" not in message
+    part = _storage(cache) / "blobs" / f"{hashlib.sha256(WEIGHTS).hexdigest()}.part"
+    assert not part.exists() or part.stat().st_size == 0
 
 
 def test_corrupted_transfer_refetched_once_then_error(hub: FakeHub, cache: Path) -> None:

@@ -25,6 +25,7 @@ import click
 from moepack import __version__
 from moepack.errors import EXIT_INTERRUPTED, EXIT_UNUSABLE, MoepackError
 from moepack.format.constants import B12X_MODES, TARGETS
+from moepack.sizes import human_bytes
 
 log = logging.getLogger("moepack")
 
@@ -72,10 +73,9 @@ class _Command(click.Command):
             if exc.filename is not None:
                 error["path"] = str(exc.filename)
             _fail(error, EXIT_UNUSABLE, as_json)
-        except KeyboardInterrupt:
-            _fail(
-                {"type": "KeyboardInterrupt", "message": "interrupted"}, EXIT_INTERRUPTED, as_json
-            )
+        except KeyboardInterrupt as exc:  # the library may say what was kept
+            message = str(exc) or "interrupted"
+            _fail({"type": "KeyboardInterrupt", "message": message}, EXIT_INTERRUPTED, as_json)
 
 
 class _Group(click.Group):
@@ -145,9 +145,17 @@ def convert(
         return
     click.echo(
         f"converted {summary['moe_layers']} MoE layers -> {summary['artifact']} "
-        f"({summary['bytes'] / 1e9:.2f} GB, {summary['seconds']:.1f} s, "
+        f"({human_bytes(summary['bytes'])}, {summary['seconds']:.1f} s, "
         f"b12x {summary['b12x_scale_mode']}: max rel err {summary['b12x_max_rel_err']:.4f})"
     )
+    if summary["kept_files"]:
+        rewritten = summary["written_files"]
+        click.echo(
+            f"kept {len(summary['kept_files'])} files of an earlier run "
+            f"({summary['kept_layers']} MoE layer{'s' if summary['kept_layers'] != 1 else ''}) "
+            "after checking their size and sha256"
+            + (f"; rewrote {len(rewritten)}: {', '.join(rewritten)}" if rewritten else "")
+        )
     if summary["b12x_scale_mode"] == "shared":
         click.echo(
             "note: shared b12x scales follow FlashInfer 0.7.x's input_global_scale path, derived "

@@ -144,6 +144,12 @@ class ConvertError(MoepackError, RuntimeError):
     geometry); the message says why and names the file. Exit 2."""
 
 
+class DiskSpaceError(ConvertError):
+    """Not enough free space for the conversion (checked before writing), or the disk filled up
+    while writing: names the directory or file; `expected` is the bytes needed, `found` the
+    bytes free. Exit 2."""
+
+
 class CheckFailed(MoepackError):
     """A command's own check failed (demo outputs disagree, `verify --source` found re-derived
     layers that differ). Exit 1."""
@@ -162,6 +168,7 @@ __all__ = [
     "CheckpointError",
     "CompatibilityError",
     "ConvertError",
+    "DiskSpaceError",
     "HeaderError",
     "HubError",
     "ManifestError",

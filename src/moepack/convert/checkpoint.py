@@ -132,6 +132,29 @@ class Checkpoint:
                 raise CheckpointError(str(exc)) from None
         return self._headers[shard]
 
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor's dtype and shape from its shard header, no data (a `meta` tensor): planning
+        sizes and geometry before anything is read."""
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(
+                f"{self.root}: tensor {name!r} is not in the checkpoint index", tensor=name
+            )
+        entry = self.header(shard).tensors.get(name)
+        if entry is None:
+            raise CheckpointError(
+                f"{self.root / shard}: tensor {name!r} is not in this shard",
+                path=self.root / shard,
+                tensor=name,
+            )
+        if entry.dtype not in TORCH_DTYPES:
+            raise CheckpointError(
+                f"{self.root / shard}: tensor {name!r}: dtype {entry.dtype}",
+                path=self.root / shard,
+                tensor=name,
+            )
+        return torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype], device="meta")
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with a positioned read (no mmap: a converted layer's source pages are
         not kept mapped, so resident memory stays about one layer); errors name shard and tensor."""

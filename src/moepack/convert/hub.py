@@ -171,10 +171,21 @@ class HubRepo:
                 tqdm_class=_forwarding(bar),  # type: ignore[arg-type]
             )
         except Exception as err:  # every failure becomes one readable HubError
+            reason = _explain(err)
+            if _is_transport(err):
+                reason += self._resume_hint(rf)
             raise HubError(
-                _scrub(f"cannot download {self._where(rf.path)}: {_explain(err)}", self._token)
+                _scrub(f"cannot download {self._where(rf.path)}: {reason}", self._token)
             ) from err
         return Path(path)
+
+    def _resume_hint(self, rf: RemoteFile) -> str:
+        """What a rerun will do with this file: resume only if bytes were actually saved."""
+        part = self._storage / "blobs" / f"{rf.sha256}.part" if rf.sha256 else None
+        saved = part.stat().st_size if part is not None and part.exists() else 0
+        if saved:
+            return f"; {saved} of {rf.size} bytes saved: rerun to resume from there"
+        return "; nothing of this file was saved: a rerun downloads it from the start"
 
     def _resume_lfs_blob(self, rf: RemoteFile, bar: tqdm) -> None:
         """Fill ``blobs/<sha256>`` from a persistent ``.part`` file, resuming where it stopped."""
@@ -300,12 +311,19 @@ def _explain(err: BaseException) -> str:
                 return f"access denied (HTTP {code}): token missing, invalid or without access"
             return f"HTTP {code} from the Hub"
         if isinstance(seen, httpx2.TransportError):
-            return (
-                f"endpoint unreachable or transfer cut ({type(seen).__name__}); "
-                "rerun to resume LFS files from the bytes already saved"
-            )
+            return f"endpoint unreachable or transfer cut ({type(seen).__name__})"
         seen = seen.__cause__ or seen.__context__
     return f"{type(err).__name__}: {err}"
+
+
+def _is_transport(err: BaseException) -> bool:
+    """A cut connection anywhere in the cause chain (the case where a rerun may resume)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, httpx2.TransportError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _scrub(message: str, token: str | bool | None) -> str:

@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,14 @@ import safetensors
 import torch
 
 import moepack
-from moepack.errors import CheckpointError, ConvertError, SourceError, UsageError
+from moepack.errors import (
+    CheckpointError,
+    CompatibilityError,
+    ConvertError,
+    DiskSpaceError,
+    SourceError,
+    UsageError,
+)
 from moepack.format import (
     Fidelity,
     FileRecord,
@@ -50,8 +57,23 @@ from .checkpoint import (
     read_json,
 )
 from .moe_layers import MoELayer, check_supported_config, find_moe_layers
+from .outdir import (
+    OutputLock,
+    check_free_space,
+    check_not_source,
+    foreign_files,
+    prune_empty,
+    refuse_foreign,
+)
 from .transform import convert_layer, geometry_of
-from .writer import Blob, copy_file, write_json, write_safetensors
+from .writer import (
+    TMP_SUFFIX,
+    Blob,
+    copy_file,
+    planned_safetensors_size,
+    write_json,
+    write_safetensors,
+)
 
 log = logging.getLogger("moepack.convert")
 
@@ -169,33 +191,82 @@ def resolve_source(
 
 
 class _State:
-    """Finished-file records of an interrupted job, valid only for the same job fingerprint."""
+    """Finished-file records of an interrupted job, valid only for the same job fingerprint.
+
+    Nothing recorded is trusted until `reusable` has checked the file's size and sha256; what
+    was kept after that check and what was written are counted for the summary.
+    """
 
     def __init__(self, out: Path, fingerprint: dict[str, Any]) -> None:
         self.out, self.fingerprint = out, fingerprint
         self.done: dict[str, dict[str, Any]] = {}
+        self.recorded: set[str] = set()
+        """Every file any earlier job's state lists (moepack wrote them, whatever the job)."""
+        self.kept: list[str] = []
+        self.written: list[str] = []
+        self._checked: dict[str, bool] = {}
         path = out / STATE
         if path.exists():
             try:
                 data = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 data = {}
+            if not isinstance(data, dict):
+                data = {}
+            if isinstance(data.get("done"), dict):
+                self.recorded = set(data["done"])
             if data.get("fingerprint") == fingerprint:
                 self.done = data.get("done", {})
-            else:
+            elif data:
                 log.info("previous partial job differs; starting over")
-                shutil.rmtree(out / PARTIAL, ignore_errors=True)
+
+    def seed(self, manifest: dict[str, Any]) -> None:
+        """Take a finished manifest's files as this job's records (a rerun of the same job)."""
+        geo = ModelInfo.from_json(manifest["model"]).geometry.__dict__
+        by_path = {f["path"]: f for f in manifest["files"]}
+        self.done = {rel: {"file": rec} for rel, rec in by_path.items()}
+        for layer in manifest["layers"]:
+            self.done[layer["file"]] = {
+                "file": by_path[layer["file"]],
+                "geometry": dict(geo),
+                "fidelity": layer["fidelity"],
+                "gate_up_requantized_experts": layer["gate_up_requantized_experts"],
+            }
+
+    def discard(self) -> None:
+        self.done = {}
+
+    def check(self, relpath: str) -> bool:
+        """Whether the file on disk still has its recorded size and sha256 (hashed once)."""
+        if relpath not in self._checked:
+            rec = self.done.get(relpath)
+            path = self.out / relpath
+            self._checked[relpath] = (
+                rec is not None
+                and path.is_file()
+                and not path.is_symlink()
+                and path.stat().st_size == rec["file"]["size"]
+                and sha256_file(path) == rec["file"]["sha256"]
+            )
+        return self._checked[relpath]
 
     def reusable(self, relpath: str) -> dict[str, Any] | None:
         """The record of `relpath` if the file on disk still has its recorded bytes."""
+        if not self.check(relpath):
+            return None
+        self.kept.append(relpath)
+        return self.done[relpath]
+
+    def size_matches(self, relpath: str) -> bool:
+        """Cheap pre-check for planning: recorded and of the recorded size (not yet hashed)."""
         rec = self.done.get(relpath)
         path = self.out / relpath
-        if rec is None or not path.is_file() or path.stat().st_size != rec["file"]["size"]:
-            return None
-        return rec if sha256_file(path) == rec["file"]["sha256"] else None
+        return rec is not None and path.is_file() and path.stat().st_size == rec["file"]["size"]
 
     def add(self, relpath: str, record: dict[str, Any]) -> None:
         self.done[relpath] = record
+        self._checked[relpath] = True
+        self.written.append(relpath)
         write_json(self.out, STATE, {"fingerprint": self.fingerprint, "done": self.done})
 
 
@@ -211,30 +282,69 @@ def _job_of(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _finished(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """The manifest at `out` if it records this very job; clears the way for a new job otherwise.
-
-    A rerun of a job killed after its manifest landed (during cleanup) finds it finished and
-    only removes the leftovers.
-    """
+def _existing_manifest(out: Path) -> dict[str, Any] | None:
+    """The moepack manifest at `out`, or None when there is none (or it is not moepack's: then
+    `manifest.json` counts as a file moepack did not write)."""
     path = out / fmt.MANIFEST
-    if path.exists():
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            manifest = {}
-        if not overwrite and manifest.get("complete") is True and _job_of(manifest) == fingerprint:
-            shutil.rmtree(out / PARTIAL, ignore_errors=True)
-            return manifest
-        if not overwrite:
-            raise ConvertError(
-                f"{out}: already holds a different artifact (pass --overwrite to replace it)"
-            )
-        path.unlink()  # from here on the directory no longer claims to be complete
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.rglob("*.moepack-tmp"):
-        stale.unlink()
-    return None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
+        return None
+    if not isinstance(manifest.get("files"), list):
+        return None
+    return manifest
+
+
+def _listed(manifest: dict[str, Any] | None) -> set[str]:
+    if manifest is None:
+        return set()
+    return {str(f.get("path")) for f in manifest["files"] if isinstance(f, dict)}
+
+
+def _remove_files(out: Path, rels: Iterable[str]) -> None:
+    """Remove files moepack wrote under `out` (never following a symlink out of it)."""
+    root = out.resolve()
+    for rel in rels:
+        path = out / rel
+        if path.is_symlink() or (path.is_file() and path.resolve().is_relative_to(root)):
+            path.unlink()
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device the per-layer arithmetic cannot run on, before anything is read or made."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(
+            f"device {device!r} is not a device name: use cpu, cuda or cuda:N", found=device
+        ) from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise UsageError(
+            f"device {device!r}: conversion runs on cpu or cuda (the bytes are the same)",
+            found=device,
+        )
+    if not torch.cuda.is_available():
+        why = (
+            "this torch build has no CUDA"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver)"
+        )
+        raise CompatibilityError(
+            f"device {device!r}: {why} (torch {torch.__version__}); use --device cpu, which "
+            "writes the same bytes",
+            found=device,
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CompatibilityError(
+            f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible",
+            found=device,
+        )
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -395,6 +505,46 @@ def _model_record(ckpt: Checkpoint, layers: list[MoELayer], geo: Geometry) -> Mo
     )
 
 
+def _plan(ckpt: Checkpoint, layers: list[MoELayer], mode: str, moe_only: bool) -> dict[str, int]:
+    """Every file this job writes -> its size in bytes (exact for safetensors, from headers and
+    geometry alone: nothing is read). The free-space check and the ownership check use it."""
+    plan: dict[str, int] = {}
+    for moe in layers:
+        geo = geometry_of(ckpt.meta, moe)
+        specs = [(n, d, s) for n, (d, s) in geo.tensor_specs(mode).items()]
+        plan[fmt.layer_file(moe.layer)] = planned_safetensors_size(specs, _layer_meta(moe))
+    if not moe_only:
+        experts = {n for n in ckpt.weight_map if any(n.startswith(m.prefix + ".") for m in layers)}
+        for shard, names in _dense_shards(ckpt, experts).items():
+            tensors = ckpt.header(shard).tensors
+            specs = [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
+            meta = ckpt.header(shard).metadata or None
+            plan[f"{fmt.MODEL_DIR}/{shard}"] = planned_safetensors_size(specs, meta, align=False)
+        for name in ckpt.pass_through_files():
+            plan[f"{fmt.MODEL_DIR}/{name}"] = (ckpt.root / name).stat().st_size
+        plan[f"{fmt.MODEL_DIR}/{INDEX}"] = 128 * len(ckpt.weight_map) + 1024
+    plan[fmt.MANIFEST] = 4096 + 1024 * len(plan)
+    return plan
+
+
+def _finished_layers(layers: list[MoELayer], state: _State, out: Path) -> list[int]:
+    return [
+        m.layer
+        for m in layers
+        if fmt.layer_file(m.layer) in state.done and (out / fmt.layer_file(m.layer)).is_file()
+    ]
+
+
+def _kept_note(layers: list[MoELayer], state: _State, out: Path) -> str:
+    done = _finished_layers(layers, state, out)
+    if not done:
+        return "no MoE layer was finished, nothing kept"
+    return (
+        f"kept {len(done)} of {len(layers)} finished MoE layers "
+        f"({', '.join(map(str, done))}) in {out}; rerun the same command to resume"
+    )
+
+
 def convert_checkpoint(
     source: str | Path,
     out: str | Path,
@@ -411,29 +561,106 @@ def convert_checkpoint(
     """Convert `source` into an artifact at `out`; returns the summary that `--json` prints.
 
     `device` runs the per-layer arithmetic there (e.g. "cuda"); the bytes are the same.
+    Everything that can refuse the job (arguments, device, source, the output directory's
+    owner and lock, free space) is checked before the artifact's first byte is written; a
+    failure leaves no empty directory behind.
     """
     if target not in fmt.TARGETS:
         raise UsageError(f"target {target!r}: choose one of {', '.join(fmt.TARGETS)}")
     if b12x_scales not in fmt.B12X_MODES:
         raise UsageError(f"b12x scales {b12x_scales!r}: choose one of {', '.join(fmt.B12X_MODES)}")
+    _check_device(device)
     t0 = time.perf_counter()
     _limit_malloc_arenas()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory", path=out)
+    if Path(str(source)).is_dir():
+        check_not_source(out, Path(str(source)))
     src = resolve_source(str(source), revision, moe_only, progress, **hub)
+    check_not_source(out, src.root)
     ckpt = Checkpoint(src.root)
-    layers = find_moe_layers(ckpt.weight_map, ckpt.quant, ckpt.config)
-    fingerprint = {
-        "tool": moepack.__version__,
-        "format_version": fmt.FORMAT_VERSION,
-        "target": target,
-        "b12x_scales": b12x_scales,
-        "moe_only": moe_only,
-        "source": src.record["files"],
-    }
-    done = _finished(out, fingerprint, overwrite)
-    if done is not None:
-        return _summary(out, done, time.perf_counter() - t0)
+    try:
+        layers = find_moe_layers(ckpt.weight_map, ckpt.quant, ckpt.config)
+        fingerprint = {
+            "tool": moepack.__version__,
+            "format_version": fmt.FORMAT_VERSION,
+            "target": target,
+            "b12x_scales": b12x_scales,
+            "moe_only": moe_only,
+            "source": src.record["files"],
+        }
+        plan = _plan(ckpt, layers, b12x_scales, moe_only)
+        created = not out.exists()
+        try:
+            with OutputLock(out):
+                try:
+                    return _convert_locked(
+                        ckpt, src, layers, out, fingerprint, plan, overwrite, progress, device, t0
+                    )
+                except BaseException:
+                    prune_empty(out, False, (fmt.MOE_DIR, fmt.MODEL_DIR, PARTIAL))
+                    raise
+        except BaseException:
+            prune_empty(out, created, ())  # out itself, once the lock file is gone
+            raise
+    finally:
+        ckpt.close()
+
+
+def _convert_locked(
+    ckpt: Checkpoint,
+    src: Source,
+    layers: list[MoELayer],
+    out: Path,
+    fingerprint: dict[str, Any],
+    plan: dict[str, int],
+    overwrite: bool,
+    progress: bool,
+    device: str,
+    t0: float,
+) -> dict[str, Any]:
+    """The job, with `out`'s lock held: claim the directory, keep what checks out, write the
+    rest, then the manifest."""
+    moe_only, b12x_scales = fingerprint["moe_only"], fingerprint["b12x_scales"]
     state = _State(out, fingerprint)
+    existing = _existing_manifest(out)
+    ours = set(plan) | state.recorded | _listed(existing) | ({fmt.MANIFEST} if existing else set())
+    refuse_foreign(out, foreign_files(out, ours))
+    same_job = (
+        existing is not None
+        and existing.get("complete") is True
+        and _job_of(existing) == fingerprint
+    )
+    if existing is not None and not same_job and not overwrite:
+        raise ConvertError(
+            f"{out}: already holds a different artifact (pass --overwrite to replace it)",
+            path=out,
+        )
+    if overwrite:
+        state.discard()
+    elif same_job:
+        assert existing is not None
+        state.seed(existing)
+        if all(state.check(rel) for rel in _listed(existing)):
+            state.kept = sorted(_listed(existing))
+            shutil.rmtree(out / PARTIAL, ignore_errors=True)
+            return _summary(out, existing, time.perf_counter() - t0, state)
+        log.warning("%s: some files of the finished artifact changed; rewriting them", out)
+    if existing is not None:
+        (out / fmt.MANIFEST).unlink()  # from here on the directory no longer claims to be complete
+    # What moepack wrote earlier and this job does not write again goes (--overwrite, or a
+    # different job); what it does write is replaced in place, atomically.
+    _remove_files(out, (_listed(existing) | state.recorded) - set(plan) - {fmt.MANIFEST})
+    if set(state.done) - set(plan):
+        state.done = {k: v for k, v in state.done.items() if k in plan}
+    if not state.done:
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    for stale in out.rglob("*" + TMP_SUFFIX):
+        stale.unlink()
+    remaining = sum(size for rel, size in plan.items() if not state.size_matches(rel))
+    check_free_space(out, remaining, max(plan.values(), default=0))
+
     layer_records: list[LayerRecord] = []
     files: list[dict[str, Any]] = []
     geos: list[Geometry] = []
@@ -454,12 +681,19 @@ def convert_checkpoint(
             raise ConvertError(f"{src.root}: MoE layers differ in geometry; one artifact needs one")
         if not moe_only:
             files += _pass_through(ckpt, layers, out, state)
-    finally:
-        ckpt.close()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted: {_kept_note(layers, state, out)}") from None
+    except DiskSpaceError as exc:
+        raise DiskSpaceError(
+            f"{exc.message}; {_kept_note(layers, state, out)} after freeing space",
+            path=exc.path,
+            expected=exc.expected,
+            found=exc.found,
+        ) from None
     manifest = Manifest(
         tool=ToolInfo("moepack", moepack.__version__, torch.__version__, safetensors.__version__),
         source=SourceInfo.from_json(src.record),
-        target=target,
+        target=fingerprint["target"],
         model=_model_record(ckpt, layers, geos[0]),
         b12x_scale_mode=b12x_scales,
         kernel_abi=KernelAbi(
@@ -479,11 +713,12 @@ def convert_checkpoint(
         raise ConvertError(f"{out}: the manifest to be written is invalid: {'; '.join(errors)}")
     write_json(out, fmt.MANIFEST, manifest)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
-    return _summary(out, manifest, time.perf_counter() - t0)
+    return _summary(out, manifest, time.perf_counter() - t0, state)
 
 
-def _summary(out: Path, manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _summary(out: Path, manifest: dict[str, Any], seconds: float, state: _State) -> dict[str, Any]:
     fid = [layer["fidelity"] for layer in manifest["layers"]]
+    layer_files = {layer["file"] for layer in manifest["layers"]}
     return {
         "artifact": str(out),
         "source": {k: v for k, v in manifest["source"].items() if k != "files"},
@@ -498,6 +733,11 @@ def _summary(out: Path, manifest: dict[str, Any], seconds: float) -> dict[str, A
         "gate_up_requantized_experts": sum(
             layer["gate_up_requantized_experts"] for layer in manifest["layers"]
         ),
+        # Files of an earlier run kept after their size and sha256 were checked, and files
+        # written by this run (kept files are never trusted unchecked).
+        "kept_files": sorted(state.kept),
+        "kept_layers": len(layer_files & set(state.kept)),
+        "written_files": sorted(state.written),
     }
 
 

@@ -6,6 +6,7 @@ killed conversion never leaves a file under its real name that is shorter than i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,8 +20,10 @@ from typing import Any, BinaryIO
 
 import torch
 
-from moepack.format import ALIGNMENT, PAD_PREFIX
+from moepack.format import ALIGNMENT, DTYPE_SIZES, PAD_PREFIX
 from moepack.runtime.dtypes import TORCH_DTYPES
+
+from .outdir import disk_full
 
 TMP_SUFFIX = ".moepack-tmp"
 COPY_CHUNK = 16 << 20
@@ -92,8 +95,12 @@ class _Sink:
 
 
 @contextmanager
-def atomic_open(final: Path):
-    """Yield a binary file at a temporary name; on success fsync it and rename it to `final`."""
+def atomic_open(final: Path, size: int | None = None):
+    """Yield a binary file at a temporary name; on success fsync it and rename it to `final`.
+
+    A full disk (ENOSPC, EDQUOT) becomes a `DiskSpaceError` naming `final` and its `size`
+    (when the caller knows it) instead of bare errno text; the temporary file is removed.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     try:
@@ -103,6 +110,11 @@ def atomic_open(final: Path):
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(final, size, exc) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -215,7 +227,8 @@ def write_safetensors(
     listing = json.loads(header[8:].decode())
     listing.pop("__metadata__", None)
     zeros = bytes(ALIGNMENT)
-    with _Hasher() as hasher, atomic_open(root / relpath) as f:
+    size = len(header) + sum(i if isinstance(i, int) else i.nbytes for _, i in plan)
+    with _Hasher() as hasher, atomic_open(root / relpath, size) as f:
         out = _Sink(f, hasher)
         out.write(header)
         for i, (name, item) in enumerate(plan):
@@ -231,7 +244,8 @@ def write_safetensors(
 
 def copy_file(src: Path, root: Path, relpath: str) -> WrittenFile:
     """Copy a pass-through file byte for byte, atomically, hashing as it goes."""
-    with open(src, "rb") as fin, _Hasher() as hasher, atomic_open(root / relpath) as f:
+    size = os.stat(src).st_size
+    with open(src, "rb") as fin, _Hasher() as hasher, atomic_open(root / relpath, size) as f:
         out = _Sink(f, hasher)
         while block := fin.read(COPY_CHUNK):
             out.write(block)
@@ -241,6 +255,23 @@ def copy_file(src: Path, root: Path, relpath: str) -> WrittenFile:
 def write_json(root: Path, relpath: str, obj: Any) -> WrittenFile:
     """Write JSON atomically (insertion order kept: the manifest's key order is part of the spec)."""
     data = (json.dumps(obj, indent=2) + "\n").encode()
-    with atomic_open(root / relpath) as f:
+    with atomic_open(root / relpath, len(data)) as f:
         f.write(data)
     return WrittenFile(relpath, len(data), hashlib.sha256(data).hexdigest())
+
+
+def planned_safetensors_size(
+    specs: Iterable[tuple[str, str, tuple[int, ...]]],
+    metadata: dict[str, str] | None = None,
+    align: bool = True,
+) -> int:
+    """The exact size `write_safetensors` gives a file of these `(name, dtype, shape)` tensors,
+    without any data (the free-space check plans with it)."""
+    blobs = []
+    for name, dtype, shape in specs:
+        nbytes = DTYPE_SIZES[dtype]
+        for dim in shape:
+            nbytes *= dim
+        blobs.append((name, Blob(dtype, tuple(shape), nbytes, tuple)))
+    header, plan = safetensors_header(blobs, metadata, align)
+    return len(header) + sum(i if isinstance(i, int) else i.nbytes for _, i in plan)

@@ -55,6 +55,7 @@ from moepack.errors import CompatibilityError, UsageError, VerificationError
 from moepack.format import ACTIVATIONS, B12X_MODES, PAD_PREFIX, Manifest
 from moepack.format.header import Header, TensorEntry
 from moepack.format.validate import read_manifest, validate_artifact
+from moepack.sizes import human_bytes
 
 from .dtypes import TORCH_DTYPES
 from .hybrid import (
@@ -82,10 +83,11 @@ READAHEAD_BYTES = 256 << 20
 0 turns it off."""
 
 
-@dataclass
+@dataclass(repr=False)
 class Artifact:
     """A loaded artifact: the manifest, one `HybridMoE` per source MoE layer index, and the
-    default backend (a layer forced to another one says so in its own `.backend`)."""
+    default backend (a layer forced to another one says so in its own `.backend`). Its repr is
+    one line; the manifest is in `.manifest`."""
 
     root: Path
     manifest: Manifest
@@ -97,6 +99,13 @@ class Artifact:
     @property
     def nbytes(self) -> int:
         return sum(m.storage.numel() for m in self.moe_layers.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"Artifact({str(self.root)!r}, target={self.manifest.target}, "
+            f"device={self.device}, backend={self.backend}, "
+            f"moe_layers={sorted(self.moe_layers)}, {human_bytes(self.nbytes)})"
+        )
 
 
 def load(
@@ -127,7 +136,7 @@ def load(
     start = time.perf_counter()
     root = Path(root)
     manifest = read_manifest(root)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     if isinstance(capability, str):
         if capability != "detect":
             raise UsageError(
@@ -171,6 +180,47 @@ def load(
 
 
 # -- compatibility ----------------------------------------------------------------------------
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto; refused with what is available when it cannot hold the tensors
+    (a CUDA request on CPU torch, a device type the loader does not place tensors on)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(
+            f"device {device!r} is not a device name: use 'cpu', 'cuda' or 'cuda:N'", found=device
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    hint = "load(DIR, device='cpu', backend='reference') runs every layer on the CPU"
+    if dev.type != "cuda":
+        raise CompatibilityError(
+            f"device {str(dev)!r}: moepack loads artifacts onto 'cpu' or 'cuda' only (the "
+            f"tensors would stay on the CPU); {hint}",
+            found=str(dev),
+        )
+    if not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is built without CUDA"
+            if torch.version.cuda is None
+            else f"no CUDA GPU is visible to this torch ({torch.__version__})"
+        )
+        raise CompatibilityError(
+            f"device {str(dev)!r}: {why}; available: cpu. {hint}; for GPUs install a CUDA "
+            "build of torch",
+            found=str(dev),
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise CompatibilityError(
+            f"device {str(dev)!r}: only {count} CUDA device(s) visible "
+            f"({', '.join(f'cuda:{i}' for i in range(count))})",
+            found=str(dev),
+        )
+    return dev
 
 
 def _capability(dev: torch.device) -> Capability:
@@ -232,6 +282,10 @@ def _select_layers(manifest: Manifest, layers: Iterable[int] | None) -> list[int
     if layers is None:
         return available
     chosen = [int(layer) for layer in layers]
+    if not chosen:
+        raise UsageError(
+            f"layers=[] selects no layer: pass layers=None for all, or some of {available}"
+        )
     missing = sorted(set(chosen) - set(available))
     if missing:
         raise UsageError(f"layers {missing} are not MoE layers of this artifact ({available})")
