@@ -124,3 +124,13 @@ def test_verify_source_errors_exit_2(artifacts: dict[str, Path], tmp_path: Path)
     (tmp_path / "src/config.json").write_text("{not json")
     code, out, err = _run(["verify", str(art), "--quick", "--source", str(tmp_path / "src")])
     assert code == 2 and "config.json" in err and "Traceback" not in out + err
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    import moepack
+
+    code, out, _ = _run(["--version"])
+    assert code == 0 and out.strip() == f"moepack, version {version('moepack')}"
+    assert moepack.__version__ == version("moepack")

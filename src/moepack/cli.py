@@ -22,7 +22,6 @@ from typing import Any, NoReturn
 
 import click
 
-from moepack import __version__
 from moepack.errors import EXIT_INTERRUPTED, EXIT_UNUSABLE, MoepackError
 from moepack.format.constants import B12X_MODES, TARGETS
 from moepack.sizes import human_bytes
@@ -83,7 +82,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="moepack")
+@click.version_option(package_name="moepack", prog_name="moepack")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """Convert NVFP4 MoE checkpoints offline for SM12x kernels, verify and inspect artifacts."""

@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .checkpoint import QuantConfig, UnsupportedModel
+from moepack.errors import UnsupportedModel
+
+from .checkpoint import QuantConfig
 
 NVFP4_PARTS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
 PROJ_ROLES = {

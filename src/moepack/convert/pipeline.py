@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import safetensors
 import torch
@@ -74,6 +74,9 @@ from .writer import (
     write_json,
     write_safetensors,
 )
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger("moepack.convert")
 
@@ -347,7 +350,7 @@ def _check_device(device: str) -> None:
         )
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool) -> tqdm[NoReturn]:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
@@ -456,7 +459,8 @@ def _pass_through(
     records = []
     experts = {n for n in ckpt.weight_map if any(n.startswith(m.prefix + ".") for m in layers)}
     dense = _dense_shards(ckpt, experts)
-    index = {"metadata": {"total_size": 0}, "weight_map": {}}
+    total_size = 0
+    weight_map: dict[str, str] = {}
     for shard, names in sorted(dense.items()):
         rel = f"{fmt.MODEL_DIR}/{shard}"
         rec = state.reusable(rel)
@@ -475,9 +479,9 @@ def _pass_through(
             state.add(rel, rec)
         records.append(rec["file"])
         for n in names:
-            index["weight_map"][n] = shard
-        index["metadata"]["total_size"] += sum(ckpt.header(shard).tensors[n].nbytes for n in names)
-    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+            weight_map[n] = shard
+        total_size += sum(ckpt.header(shard).tensors[n].nbytes for n in names)
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     for name in ckpt.pass_through_files():
         rel = f"{fmt.MODEL_DIR}/{name}"
         rec = state.reusable(rel)

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -43,7 +44,7 @@ class SyntheticSpec:
         return [i for i, c in enumerate(self.pattern) if c == "E"]
 
 
-def default_spec(variant: str, **overrides) -> SyntheticSpec:
+def default_spec(variant: str, **overrides: Any) -> SyntheticSpec:
     """Tiny geometry whose intermediate size is not a multiple of the 256 padding tile."""
     base = {
         "super": SyntheticSpec("super", 96, 64, 80, 8, 2, "ME*E"),
@@ -218,6 +219,7 @@ def _configs(spec: SyntheticSpec, quantized: dict[str, str]) -> tuple[dict, dict
         if spec.moe_hidden != spec.hidden:
             config["moe_latent_size"] = spec.moe_hidden
     producer = {"name": "modelopt", "version": "0.37.0"}
+    quant: dict[str, Any]
     if spec.variant == "super":
         quant = {
             "quant_algo": "MIXED_PRECISION",

@@ -250,6 +250,8 @@ def convert_layer(
         "w2_sf": layout.swizzle(fc2.sf),
     }
     cut = scales.cutlass_scalars(fc1.input_scale, fc1.ws2, fc2.input_scale, fc2.ws2)
+    b12x_13: tuple[torch.Tensor, torch.Tensor | None]
+    b12x_2: tuple[torch.Tensor, torch.Tensor | None]
     if mode == "baked":
         baked13, flushed13 = _baked(fc1)
         baked2, flushed2 = _baked(fc2)

@@ -12,7 +12,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +95,7 @@ class _Sink:
 
 
 @contextmanager
-def atomic_open(final: Path, size: int | None = None):
+def atomic_open(final: Path, size: int | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file at a temporary name; on success fsync it and rename it to `final`.
 
     A full disk (ENOSPC, EDQUOT) becomes a `DiskSpaceError` naming `final` and its `size`
@@ -144,7 +144,7 @@ class Blob:
     @classmethod
     def of(cls, t: torch.Tensor) -> Blob:
         flat = t.detach().contiguous().reshape(-1)
-        view = memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel() else b""
+        view = flat.view(torch.uint8).numpy().data.cast("B") if flat.numel() else b""
         return cls(_ST_DTYPES[t.dtype], tuple(t.shape), len(view), lambda: (view,))
 
     @classmethod
@@ -205,10 +205,16 @@ def safetensors_header(
     return header, plan
 
 
+TensorList = (
+    list[tuple[str, torch.Tensor]] | list[tuple[str, Blob]] | list[tuple[str, torch.Tensor | Blob]]
+)
+"""What `write_safetensors` takes: a list (it may empty it, `release=True`) of named tensors."""
+
+
 def write_safetensors(
     root: Path,
     relpath: str,
-    tensors: list[tuple[str, torch.Tensor | Blob]],
+    tensors: TensorList,
     metadata: dict[str, str] | None = None,
     align: bool = True,
     *,

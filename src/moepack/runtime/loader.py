@@ -347,7 +347,7 @@ def pread_into(fd: int, dst: memoryview, offset: int) -> None:
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
-    return memoryview(t.numpy()).cast("B")
+    return t.numpy().data.cast("B")
 
 
 def layer_views(storage: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
