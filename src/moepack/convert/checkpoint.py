@@ -171,7 +171,8 @@ class Checkpoint:
         data = torch.empty(entry.nbytes, dtype=torch.uint8)
         if (
             entry.nbytes
-            and os.preadv(self._files[shard].fileno(), [data.numpy().data], entry.start) != entry.nbytes
+            and os.preadv(self._files[shard].fileno(), [data.numpy().data], entry.start)
+            != entry.nbytes
         ):
             raise CheckpointError(f"{self.root / shard}: tensor {name!r}: file ends early")
         return data.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)

@@ -261,7 +261,9 @@ class HybridMoE(torch.nn.Module):
 
     def _b12x(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self._wrapper is None:  # only hybrid and b12x layers build one; route() never asks
-            raise BackendError(f"layer {self.spec.layer}: backend {self.backend!r} has no b12x path")
+            raise BackendError(
+                f"layer {self.spec.layer}: backend {self.backend!r} has no b12x path"
+            )
         return self._wrapper.run(
             x=x, token_selected_experts=ids, token_final_scales=weights, **self._b12x_args
         )
