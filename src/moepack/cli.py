@@ -113,6 +113,11 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Where the per-layer arithmetic runs (cpu, cuda).",
 )
+@click.option(
+    "--exact-fidelity",
+    is_flag=True,
+    help="Measure the baked-scale error on every expert (default: 64 evenly spaced a layer).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def convert(
     source: str,
@@ -123,6 +128,7 @@ def convert(
     moe_only: bool,
     overwrite: bool,
     device: str,
+    exact_fidelity: bool,
     as_json: bool,
 ) -> None:
     """Convert SOURCE (recipe alias, hub repo id or local directory) into an artifact."""
@@ -138,6 +144,7 @@ def convert(
         overwrite=overwrite,
         progress=_show_progress(as_json),
         device=device,
+        exact_fidelity=exact_fidelity,
     )
     if as_json:
         _emit({"ok": True, **summary})

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 import torch
 
 from moepack.errors import CheckpointError, HeaderError, UnsupportedModel
-from moepack.format.header import Header, read_header
+from moepack.format.header import Header, TensorEntry, read_header
 from moepack.runtime.dtypes import TORCH_DTYPES
 
 INDEX = "model.safetensors.index.json"
@@ -132,9 +132,10 @@ class Checkpoint:
                 raise CheckpointError(str(exc)) from None
         return self._headers[shard]
 
-    def meta(self, name: str) -> torch.Tensor:
-        """A tensor's dtype and shape from its shard header, no data (a `meta` tensor): planning
-        sizes and geometry before anything is read."""
+    def locate(self, name: str) -> tuple[int, TensorEntry]:
+        """An open file descriptor of the shard holding `name` and its header entry (absolute
+        byte range), so that callers can read a tensor's bytes straight into their own buffers;
+        errors name shard and tensor."""
         shard = self.weight_map.get(name)
         if shard is None:
             raise CheckpointError(
@@ -153,28 +154,30 @@ class Checkpoint:
                 path=self.root / shard,
                 tensor=name,
             )
+        if shard not in self._files:
+            self._files[shard] = open(self.root / shard, "rb")  # noqa: SIM115 (closed in close())
+        return self._files[shard].fileno(), entry
+
+    def short_read(self, name: str) -> CheckpointError:
+        """The error for a tensor whose byte range runs past the end of its shard."""
+        shard = self.root / self.weight_map[name]
+        return CheckpointError(
+            f"{shard}: tensor {name!r}: file ends early", path=shard, tensor=name
+        )
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor's dtype and shape from its shard header, no data (a `meta` tensor): planning
+        sizes and geometry before anything is read."""
+        entry = self.locate(name)[1]
         return torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype], device="meta")
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with a positioned read (no mmap: a converted layer's source pages are
         not kept mapped, so resident memory stays about one layer); errors name shard and tensor."""
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise CheckpointError(f"{self.root}: tensor {name!r} is not in the checkpoint index")
-        entry = self.header(shard).tensors.get(name)
-        if entry is None:
-            raise CheckpointError(f"{self.root / shard}: tensor {name!r} is not in this shard")
-        if entry.dtype not in TORCH_DTYPES:
-            raise CheckpointError(f"{self.root / shard}: tensor {name!r}: dtype {entry.dtype}")
-        if shard not in self._files:
-            self._files[shard] = open(self.root / shard, "rb")  # noqa: SIM115 (closed in close())
+        fd, entry = self.locate(name)
         data = torch.empty(entry.nbytes, dtype=torch.uint8)
-        if (
-            entry.nbytes
-            and os.preadv(self._files[shard].fileno(), [data.numpy().data], entry.start)
-            != entry.nbytes
-        ):
-            raise CheckpointError(f"{self.root / shard}: tensor {name!r}: file ends early")
+        if entry.nbytes and os.preadv(fd, [data.numpy().data], entry.start) != entry.nbytes:
+            raise self.short_read(name)
         return data.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
 
     def pass_through_files(self) -> list[str]:

@@ -49,7 +49,7 @@ def crosscheck(artifact: Path, source: str, sample: int = 2) -> list[str]:
         if layer not in found:
             problems.append(f"layer {layer}: not an NVFP4 MoE layer in {source}")
             continue
-        result = convert_layer(ckpt.get, found[layer], manifest.geometry, manifest.b12x_scale_mode)
+        result = convert_layer(ckpt, found[layer], manifest.geometry, manifest.b12x_scale_mode)
         path = Path(artifact) / by_layer[layer].file
         with safe_open(str(path), framework="pt") as f:
             for name, expected in result.tensors:

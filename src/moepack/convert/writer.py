@@ -82,10 +82,26 @@ class _Hasher:
         return self._h.hexdigest()
 
 
+class _NoHasher:
+    """Stands in for `_Hasher` when the caller hashes the file later (from the page cache)."""
+
+    def update(self, data: bytes | memoryview) -> None:
+        pass
+
+    def __enter__(self) -> _NoHasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
 class _Sink:
     """Where a file's bytes go: the file, the hasher, and a byte count."""
 
-    def __init__(self, f: BinaryIO, hasher: _Hasher) -> None:
+    def __init__(self, f: BinaryIO, hasher: _Hasher | _NoHasher) -> None:
         self.f, self.hasher, self.size = f, hasher, 0
 
     def write(self, data: bytes | memoryview) -> None:
@@ -219,11 +235,15 @@ def write_safetensors(
     align: bool = True,
     *,
     release: bool = False,
+    digest: bool = True,
 ) -> WrittenFile:
     """Write a safetensors file atomically, hashing as it goes (no second read).
 
     `release=True` hands the list over: it is emptied, and each tensor is dropped as soon as it
     is written, so a file written in the background frees its memory as it goes.
+    `digest=False` skips the hash (`sha256` is "") for a caller that hashes the finished file
+    itself: memory is then freed at the disk's pace, not sha256's, and several files can be
+    hashed at once on other cores.
     """
     blobs = [(n, t if isinstance(t, Blob) else Blob.of(t)) for n, t in tensors]
     if release:
@@ -234,7 +254,7 @@ def write_safetensors(
     listing.pop("__metadata__", None)
     zeros = bytes(ALIGNMENT)
     size = len(header) + sum(i if isinstance(i, int) else i.nbytes for _, i in plan)
-    with _Hasher() as hasher, atomic_open(root / relpath, size) as f:
+    with _Hasher() if digest else _NoHasher() as hasher, atomic_open(root / relpath, size) as f:
         out = _Sink(f, hasher)
         out.write(header)
         for i, (name, item) in enumerate(plan):

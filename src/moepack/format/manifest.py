@@ -206,6 +206,8 @@ class Fidelity:
     b12x_mean_rel_err: float
     b12x_flushed_scales: int | None = None
     requant_max_rel_err: float | None = None
+    b12x_err_experts: int | None = None
+    """Experts the b12x error was measured on (a sample unless --exact-fidelity)."""
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> Fidelity:
@@ -214,6 +216,7 @@ class Fidelity:
             o["b12x_mean_rel_err"],
             o.get("b12x_flushed_scales"),
             o.get("requant_max_rel_err"),
+            o.get("b12x_err_experts"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -222,8 +225,9 @@ class Fidelity:
             "b12x_mean_rel_err": self.b12x_mean_rel_err,
             "b12x_flushed_scales": self.b12x_flushed_scales,
             "requant_max_rel_err": self.requant_max_rel_err,
+            "b12x_err_experts": self.b12x_err_experts,
         }
-        return _drop_none(d, "b12x_flushed_scales", "requant_max_rel_err")
+        return _drop_none(d, "b12x_flushed_scales", "requant_max_rel_err", "b12x_err_experts")
 
 
 @dataclass(frozen=True)
