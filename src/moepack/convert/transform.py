@@ -114,7 +114,7 @@ def _read_scalars(ckpt: Checkpoint, names: list[str]) -> torch.Tensor:
 
 def _read_full(fd: int, dst: memoryview | np.ndarray, offset: int) -> bool:
     """Fill `dst` from `fd` at `offset` (looping over short reads); False if the file ends."""
-    view = memoryview(dst).cast("B") if isinstance(dst, np.ndarray) else dst
+    view = memoryview(dst.data).cast("B") if isinstance(dst, np.ndarray) else dst
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -161,7 +161,7 @@ def _gather(
             fd, entry = ckpt.locate(name)
             plan.append((fd, entry.start, e, h, name))
     arr = dest.numpy()
-    flat = memoryview(arr.reshape(-1))
+    flat = memoryview(arr.reshape(-1).data)
     nbytes = rows * cols
 
     def task(items: list[tuple[int, int, int, int, str]]) -> None:
@@ -430,8 +430,8 @@ def convert_layer(
         "w2_sf": layout.swizzle(fc2.sf),
     }
     cut = scales.cutlass_scalars(fc1.input_scale, fc1.ws2, fc2.input_scale, fc2.ws2)
-    b12x_13: tuple[torch.Tensor, torch.Tensor | None]
-    b12x_2: tuple[torch.Tensor, torch.Tensor | None]
+    b12x_13: Variant | None = None
+    b12x_2: Variant | None = None
     if mode == "baked":
         tensors["b12x.w13_sf"], tables13, flushed13 = _baked(tensors["w13_sf"], fc1.ws2)
         tensors["b12x.w2_sf"], tables2, flushed2 = _baked(tensors["w2_sf"], fc2.ws2)
@@ -457,7 +457,7 @@ def convert_layer(
         """Experts untouched by requantization keep their source scales and ws2 exactly, so
         their requantization error, and in shared mode their b12x error, is exactly 0."""
         (requant,) = _rel_errors(fc1, [_fixed(fc1.sf, fc1.ws2)], requantized)
-        if mode == "baked":
+        if b12x_13 is not None and b12x_2 is not None:  # baked
             sample = fidelity_sample(e, exact_fidelity)
             (err13,) = _rel_errors(fc1, [b12x_13], sample)
             (err2,) = _rel_errors(fc2, [b12x_2], sample)
