@@ -1,12 +1,19 @@
-"""Shared fixtures: small synthetic ModelOpt checkpoints and artifacts converted from them,
-built once per session, and network isolation for the Hub tests."""
+"""Shared fixtures: one cached factory of small synthetic ModelOpt checkpoints and the artifacts
+converted from them, and network isolation for the Hub tests.
+
+Every test that needs a checkpoint or an artifact asks `artifact_factory` (or the `checkpoints`
+and `artifacts` mappings over it). Each distinct build is made once per session, on first use,
+so running one test file builds only what that file needs and the whole suite builds each
+conversion once. Builds are shared: a test that damages one must copy it first.
+"""
 
 from __future__ import annotations
 
 import socket
 import types
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from huggingface_hub import constants, file_download
@@ -14,20 +21,15 @@ from huggingface_hub import constants, file_download
 from moepack.convert import synthetic
 from moepack.convert.pipeline import convert_checkpoint
 
+LAYOUTS = ("sharded", "single")
+"""The two layouts ModelOpt exports: shards with `model.safetensors.index.json`, or one
+`model.safetensors` and no index (small models)."""
 
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One tiny checkpoint per synthetic variant, plus a gated one with untied gate/up scales."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    out = {
-        v: synthetic.write_checkpoint(root / v, synthetic.default_spec(v))
-        for v in synthetic.VARIANTS
-    }
-    out["gated-untied"] = synthetic.write_checkpoint(
-        root / "gated-untied", synthetic.default_spec("gated", untied_gate_up=True, seed=3)
-    )
-    return out
-
+CHECKPOINTS: dict[str, synthetic.SyntheticSpec] = {
+    **{v: synthetic.default_spec(v) for v in synthetic.VARIANTS},
+    "gated-untied": synthetic.default_spec("gated", untied_gate_up=True, seed=3),
+}
+"""Synthetic checkpoint name -> spec (a gated one with untied gate/up `weight_scale_2` too)."""
 
 ARTIFACTS: dict[str, tuple[str, dict[str, Any]]] = {
     # artifact name: (synthetic checkpoint, convert_checkpoint options)
@@ -39,20 +41,97 @@ ARTIFACTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def build_artifacts(checkpoints: dict[str, Path], root: Path) -> dict[str, Path]:
-    """Convert each synthetic checkpoint the ways `ARTIFACTS` lists, under `root`."""
-    out = {}
-    for name, (source, options) in ARTIFACTS.items():
-        convert_checkpoint(checkpoints[source], root / name, **options)
-        out[name] = root / name
-    return out
+class ArtifactFactory:
+    """Builds synthetic checkpoints and conversions on first request and caches them by what
+    they depend on (checkpoint, layout, convert options)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[tuple[Any, ...], Path] = {}
+
+    def _once(self, key: tuple[Any, ...], build: Callable[[Path], Path]) -> Path:
+        if key not in self._cache:
+            path = self.root / "-".join(str(k) for k in key if k not in ((), None))
+            self._cache[key] = build(path)
+        return self._cache[key]
+
+    def checkpoint(self, name: str, layout: str = "sharded") -> Path:
+        """Synthetic checkpoint `name` (a key of CHECKPOINTS) in `layout` (one of LAYOUTS)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r}: one of {LAYOUTS}")
+        spec, single = CHECKPOINTS[name], layout == "single"
+        return self._once(
+            ("ckpt", name, layout),
+            lambda p: synthetic.write_checkpoint(p, spec, single_file=single),
+        )
+
+    def artifact(
+        self,
+        name: str,
+        *,
+        b12x_scales: str = "baked",
+        target: str = "sm120",
+        moe_only: bool = False,
+        layout: str = "sharded",
+    ) -> Path:
+        """`name`'s checkpoint converted with these options (convert_checkpoint's defaults)."""
+        src = self.checkpoint(name, layout)
+        options = {"b12x_scales": b12x_scales, "target": target, "moe_only": moe_only}
+
+        def build(path: Path) -> Path:
+            convert_checkpoint(src, path, **options)
+            return path
+
+        key = ("art", name, layout, b12x_scales, target, "moe-only" if moe_only else None)
+        return self._once(key, build)
+
+
+K = TypeVar("K")
+
+
+class LazyMap(Mapping[K, Path]):
+    """A read-only mapping whose values are built (through the factory) when first looked up."""
+
+    def __init__(self, keys: list[K], get: Callable[[K], Path]) -> None:
+        self._keys, self._get = keys, get
+
+    def __getitem__(self, key: K) -> Path:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._get(key)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 @pytest.fixture(scope="session")
-def artifacts(
-    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    return build_artifacts(checkpoints, tmp_path_factory.mktemp("artifacts"))
+def artifact_factory(tmp_path_factory: pytest.TempPathFactory) -> ArtifactFactory:
+    return ArtifactFactory(tmp_path_factory.mktemp("factory"))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(artifact_factory: ArtifactFactory) -> Mapping[str, Path]:
+    """Synthetic checkpoint name -> its sharded checkpoint directory (built on first use)."""
+    return LazyMap(list(CHECKPOINTS), artifact_factory.checkpoint)
+
+
+@pytest.fixture(scope="session")
+def artifacts(artifact_factory: ArtifactFactory) -> Mapping[str, Path]:
+    """Artifact name (a key of ARTIFACTS) -> its artifact directory (built on first use)."""
+    return LazyMap(
+        list(ARTIFACTS),
+        lambda name: artifact_factory.artifact(ARTIFACTS[name][0], **ARTIFACTS[name][1]),
+    )
+
+
+@pytest.fixture(scope="session")
+def by_mode(artifact_factory: ArtifactFactory) -> Mapping[tuple[str, str], Path]:
+    """`(checkpoint name, b12x scale mode)` -> that checkpoint converted for sm120 in that mode."""
+    keys = [(name, mode) for name in CHECKPOINTS for mode in ("baked", "shared")]
+    return LazyMap(keys, lambda k: artifact_factory.artifact(k[0], b12x_scales=k[1]))
 
 
 @pytest.fixture

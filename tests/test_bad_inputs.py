@@ -38,7 +38,7 @@ import pytest
 from click.testing import CliRunner
 
 from moepack.cli import main
-from moepack.convert import synthetic, writer
+from moepack.convert import writer
 from moepack.convert.outdir import LOCK, OutputLock
 from moepack.errors import MoepackError
 from moepack.format import MANIFEST
@@ -427,12 +427,9 @@ ROWS: list[Row] = [
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    spec = synthetic.default_spec("super")
+def sources(artifact_factory) -> dict[str, Path]:
     return {
-        "sharded": synthetic.write_checkpoint(root / "sharded", spec),
-        "single": synthetic.write_checkpoint(root / "single", spec, single_file=True),
+        layout: artifact_factory.checkpoint("super", layout) for layout in ("sharded", "single")
     }
 
 

@@ -22,20 +22,8 @@ from flashinfer.cute_dsl.utils import convert_sf_to_mma_layout
 from flashinfer.fused_moe.cute_dsl.blackwell_sm12x import moe_dispatch
 from flashinfer.fused_moe.runners import CutlassNvfp4Runner
 
-from moepack.convert.pipeline import convert_checkpoint
 from moepack.runtime import load
 from moepack.runtime.hybrid import HybridMoE
-
-
-@pytest.fixture(scope="module")
-def artifacts(checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    root = tmp_path_factory.mktemp("contract-artifacts")
-    out = {}
-    for variant, mode in (("super", "baked"), ("gated", "shared"), ("nano", "shared")):
-        out[(variant, mode)] = root / f"{variant}-{mode}"
-        convert_checkpoint(checkpoints[variant], out[(variant, mode)], b12x_scales=mode)
-    return out
-
 
 CASES = [("super", "baked"), ("gated", "shared"), ("nano", "shared")]
 
@@ -50,10 +38,10 @@ def shares_storage(t: torch.Tensor, moe: HybridMoE) -> bool:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_cutlass_arguments(artifacts, case) -> None:
+def test_cutlass_arguments(by_mode, case) -> None:
     """FlashInfer's own `CutlassNvfp4Runner._pack_weight_inputs` (run with a stub runner) accepts
     the loaded tensors and yields exactly our views; the binding's C++ checks are mirrored."""
-    moe = first_layer(artifacts[case])
+    moe = first_layer(by_mode[case])
     g, t = moe.spec.geometry, moe.tensors
     args = moe.cutlass_arguments()
     stub = SimpleNamespace(
@@ -118,10 +106,10 @@ def no_capture_probe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_b12x_arguments(artifacts, case, no_capture_probe) -> None:
+def test_b12x_arguments(by_mode, case, no_capture_probe) -> None:
     """The MMA views equal `convert_sf_to_mma_layout` (shape, strides, pointer, values), and
     `moe_dispatch._get_weight_views` (the b12x launch's CPU-side preparation) accepts them."""
-    moe = first_layer(artifacts[case])
+    moe = first_layer(by_mode[case])
     g, t = moe.spec.geometry, moe.tensors
     args = moe.b12x_arguments()
     baked = moe.spec.b12x_mode == "baked"
@@ -165,9 +153,9 @@ def test_b12x_arguments(artifacts, case, no_capture_probe) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_b12x_wrapper_signatures(artifacts, case) -> None:
+def test_b12x_wrapper_signatures(by_mode, case) -> None:
     """The wrapper config and run arguments bind to the installed FlashInfer's signatures."""
-    moe = first_layer(artifacts[case])
+    moe = first_layer(by_mode[case])
     config = moe.b12x_wrapper_config()
     assert config["intermediate_size"] == moe.spec.geometry.intermediate_padded
     assert config["max_num_tokens"] == moe.threshold - 1 and config["use_cuda_graph"]
@@ -209,7 +197,7 @@ class _Recorder:
         return x
 
 
-def test_hybrid_dispatch_passes_prepared_views(artifacts, monkeypatch) -> None:
+def test_hybrid_dispatch_passes_prepared_views(by_mode, monkeypatch) -> None:
     """On a simulated SM120 device: T < threshold calls the layer's one wrapper with the very
     tensor objects prepared at load (no conversion, no allocation); T >= threshold calls
     `cutlass_fused_moe` with the int64/int32 views. Both kernels are replaced by recorders."""
@@ -219,7 +207,7 @@ def test_hybrid_dispatch_passes_prepared_views(artifacts, monkeypatch) -> None:
         flashinfer.fused_moe, "cutlass_fused_moe", lambda **kw: cutlass_calls.append(kw)
     )
     _Recorder.instances.clear()
-    art = load(artifacts[("gated", "shared")], device="cpu", capability=(12, 0), threshold=8)
+    art = load(by_mode[("gated", "shared")], device="cpu", capability=(12, 0), threshold=8)
     assert art.backend == "hybrid"
     assert len(_Recorder.instances) == len(art.moe_layers)
     moe = next(iter(art.moe_layers.values()))

@@ -30,23 +30,10 @@ def _source_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def converted(checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    root = tmp_path_factory.mktemp("artifacts")
-    return {
-        (v, mode): (
-            convert_checkpoint(checkpoints[v], root / f"{v}-{mode}", b12x_scales=mode)
-            and root / f"{v}-{mode}"
-        )
-        for v in EXPECTED_LAYERS
-        for mode in ("baked", "shared")
-    }
-
-
 @pytest.mark.parametrize("variant", list(EXPECTED_LAYERS))
 @pytest.mark.parametrize("mode", ["baked", "shared"])
-def test_artifact_structure_and_verify(converted, variant, mode):
-    art = converted[(variant, mode)]
+def test_artifact_structure_and_verify(by_mode, variant, mode):
+    art = by_mode[(variant, mode)]
     m = read_manifest(art).to_json()
     assert m["model"]["moe_layers"] == EXPECTED_LAYERS[variant]
     assert m["b12x_scale_mode"] == mode
@@ -69,9 +56,9 @@ def test_artifact_structure_and_verify(converted, variant, mode):
 
 
 @pytest.mark.parametrize("variant", ["super", "gated"])
-def test_payload_and_scales_match_source(converted, checkpoints, variant):
+def test_payload_and_scales_match_source(by_mode, checkpoints, variant):
     """Independent of the transform: unpad and unswizzle the stored tensors, compare to source."""
-    art = converted[(variant, "baked")]
+    art = by_mode[(variant, "baked")]
     m = read_manifest(art).to_json()
     geo = ModelInfo.from_json(m["model"]).geometry
     src = _source_tensors(checkpoints[variant])
@@ -109,8 +96,8 @@ def test_payload_and_scales_match_source(converted, checkpoints, variant):
             assert torch.equal(alpha13[e], a13.float() * src[f"{p}.up_proj.weight_scale_2"].float())
 
 
-def test_pass_through_is_byte_identical(converted, checkpoints):
-    art, ckpt = converted[("super", "baked")], checkpoints["super"]
+def test_pass_through_is_byte_identical(by_mode, checkpoints):
+    art, ckpt = by_mode[("super", "baked")], checkpoints["super"]
     src = _source_tensors(ckpt)
     dense = _source_tensors(art / "model")
     assert not [n for n in dense if ".experts." in n]
@@ -125,6 +112,43 @@ def test_pass_through_is_byte_identical(converted, checkpoints):
     assert set(index["weight_map"]) == set(dense)
 
 
+@pytest.mark.parametrize("variant", ["super", "gated"])
+@pytest.mark.parametrize("moe_only", [False, True], ids=["full", "moe-only"])
+def test_single_file_checkpoint_converts_like_sharded(artifact_factory, by_mode, variant, moe_only):
+    """ModelOpt's other layout (one model.safetensors, no index) holds the same tensors, so it
+    must give the same MoE layer files byte for byte, and the same dense tensors."""
+    art = artifact_factory.artifact(variant, moe_only=moe_only, layout="single")
+    sharded = by_mode[(variant, "baked")]
+    assert verify_artifact(art).exit_code == 0, verify_artifact(art).format_text()
+    m = read_manifest(art).to_json()
+    assert [f["path"] for f in m["source"]["files"] if f["path"].endswith(".safetensors")] == [
+        "model.safetensors"
+    ]
+    layers = sorted((art / "moe").iterdir())
+    assert [p.name for p in layers] == sorted(p.name for p in (sharded / "moe").iterdir())
+    for p in layers:
+        assert p.read_bytes() == (sharded / "moe" / p.name).read_bytes(), p.name
+    assert (art / "model").exists() != moe_only
+    if not moe_only:
+        dense, want = _source_tensors(art / "model"), _source_tensors(sharded / "model")
+        assert dense.keys() == want.keys()
+        for name, t in dense.items():
+            assert torch.equal(
+                t.reshape(-1).view(torch.uint8), want[name].reshape(-1).view(torch.uint8)
+            )
+    res = CliRunner().invoke(
+        main,
+        [
+            "verify",
+            str(art),
+            "--source",
+            str(artifact_factory.checkpoint(variant, "single")),
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0 and json.loads(res.output)["source_mismatches"] == [], res.output
+
+
 def test_moe_only_and_deterministic(checkpoints, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     convert_checkpoint(checkpoints["nano"], a, moe_only=True)
@@ -136,16 +160,16 @@ def test_moe_only_and_deterministic(checkpoints, tmp_path):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
-def test_gate_up_requantization_is_reported(converted):
-    m = read_manifest(converted[("gated-untied", "shared")]).to_json()
+def test_gate_up_requantization_is_reported(by_mode):
+    m = read_manifest(by_mode[("gated-untied", "shared")]).to_json()
     assert sum(entry["gate_up_requantized_experts"] for entry in m["layers"]) > 0
     assert all(entry["fidelity"]["requant_max_rel_err"] > 0 for entry in m["layers"])
-    tied = read_manifest(converted[("gated", "shared")]).to_json()
+    tied = read_manifest(by_mode[("gated", "shared")]).to_json()
     assert all(entry["gate_up_requantized_experts"] == 0 for entry in tied["layers"])
 
 
-def test_rerun_of_a_finished_job_is_a_no_op_and_another_job_is_refused(converted, checkpoints):
-    art = converted[("super", "baked")]
+def test_rerun_of_a_finished_job_is_a_no_op_and_another_job_is_refused(by_mode, checkpoints):
+    art = by_mode[("super", "baked")]
     before = (art / "manifest.json").stat().st_mtime_ns
     assert convert_checkpoint(checkpoints["super"], art)["moe_layers"] == 2
     assert (art / "manifest.json").stat().st_mtime_ns == before
@@ -275,8 +299,8 @@ def test_missing_expert_and_unsupported_models(checkpoints, tmp_path):
         convert_checkpoint(_broken(checkpoints, tmp_path, fp8), tmp_path / "o3")
 
 
-def test_verify_source_rederives_layers(converted, checkpoints, tmp_path):
-    art = converted[("super", "baked")]
+def test_verify_source_rederives_layers(by_mode, checkpoints, tmp_path):
+    art = by_mode[("super", "baked")]
     runner = CliRunner()
     res = runner.invoke(main, ["verify", str(art), "--source", str(checkpoints["super"]), "--json"])
     assert res.exit_code == 0, res.output
@@ -287,8 +311,8 @@ def test_verify_source_rederives_layers(converted, checkpoints, tmp_path):
     assert "moe/layer-00001.safetensors:w13: differs from the source" in res.output
 
 
-def test_cli_inspect_and_verify_exit_codes(converted, tmp_path):
-    art = converted[("gated-untied", "shared")]
+def test_cli_inspect_and_verify_exit_codes(by_mode, tmp_path):
+    art = by_mode[("gated-untied", "shared")]
     runner = CliRunner()
     res = runner.invoke(main, ["inspect", str(art)])
     assert res.exit_code == 0 and "b12x scales shared" in res.output

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file, save_file
 
-from moepack.runtime.verify import VerifyReport, verify_artifact
+from moepack.runtime.verify import Problem, VerifyReport, verify_artifact
 
 LAYER = "moe/layer-00001.safetensors"
 
@@ -336,8 +337,60 @@ def test_random_header_garbage(art: Path) -> None:
             assert_caught(report, LAYER if report.exit_code == 1 else None)
 
 
+NOBODY = 65534
+
+
+def _verify_as_nobody(root: Path) -> tuple[bool, VerifyReport]:
+    """Verify `root` in a forked child that has dropped to user and group nobody (root reads
+    every file whatever its mode, and nobody may not run this interpreter from its install
+    path, so no fresh process will do). Returns whether the child could still open the layer
+    file (it must not) and its report."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                open(root / LAYER, "rb").close()
+                readable = True
+            except PermissionError:
+                readable = False
+            out = {"readable": readable, "report": verify_artifact(root, jobs=1).to_dict()}
+        except BaseException as exc:
+            out = {"error": repr(exc)}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = json.loads(f.read() or b'{"error": "no result"}')
+    os.waitpid(pid, 0)
+    assert "error" not in data, data["error"]
+    d = data["report"]
+    report = VerifyReport(d["root"], d["quick"], [Problem(**p) for p in d["problems"]])
+    report.unusable = d["unusable"]
+    return data["readable"], report
+
+
 def test_unreadable_file(art: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
-    (art / LAYER).chmod(0)
-    assert_caught(verify_artifact(art), LAYER, code=1)
+    """A listed file the verifier may not read is a failed check naming it, not a crash. CI runs
+    as root, for whom permissions stop no read: there the check runs as user nobody."""
+    if os.geteuid() != 0:
+        (art / LAYER).chmod(0)
+        assert_caught(verify_artifact(art), LAYER, code=1)
+        return
+    # pytest's temporary directories are private to root: nobody needs a path it may traverse.
+    shared = Path(tempfile.mkdtemp(prefix="moepack-unreadable-"))
+    try:
+        shared.chmod(0o755)
+        root = Path(shutil.copytree(art, shared / "art"))
+        (root / LAYER).chmod(0)
+        readable, report = _verify_as_nobody(root)
+        assert not readable
+        assert_caught(report, LAYER, code=1)
+        assert {p.file for p in report.problems} == {LAYER}, report.format_text()  # only that file
+        assert all("Permission denied" in p.message for p in report.problems)
+    finally:
+        shutil.rmtree(shared)

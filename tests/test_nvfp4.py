@@ -56,6 +56,6 @@ def test_quantize_matches_modelopt_recipe():
     assert zsf.to(torch.float32)[0, 1] == 1.0 and zsf.to(torch.float32)[1].eq(1.0).all()
     deq = nvfp4.dequantize(packed, sf, ws2)
     assert (deq - w).abs().max() < 0.35 * w.abs().max()
-    assert torch.equal(deq.abs().amax(), deq.abs().amax())  # finite
+    assert torch.isfinite(deq).all()
     rel = (deq - w).norm() / w.norm()
     assert rel < 0.15

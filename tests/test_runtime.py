@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moepack.convert.pipeline import convert_checkpoint
 from moepack.errors import CompatibilityError, ManifestError, VerificationError
 from moepack.format import Manifest
 from moepack.format.header import read_header
@@ -138,18 +137,7 @@ class SourceModel:
         return out.bfloat16()
 
 
-# -- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def artifacts(checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    root = tmp_path_factory.mktemp("artifacts")
-    out = {}
-    for variant in ("super", "nano", "gated"):
-        for mode in ("baked", "shared"):
-            out[(variant, mode)] = root / f"{variant}-{mode}"
-            convert_checkpoint(checkpoints[variant], out[(variant, mode)], b12x_scales=mode)
-    return out
+# -- inputs ------------------------------------------------------------------------------------
 
 
 def routing(tokens: int, experts: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -179,12 +167,12 @@ def source_model(checkpoint: Path, manifest: Manifest, layer: int) -> SourceMode
 
 @pytest.mark.parametrize("variant", ["super", "nano", "gated"])
 @pytest.mark.parametrize("path", ["cutlass", "shared", "baked"])
-def test_reference_matches_source(artifacts, checkpoints, variant: str, path: str) -> None:
+def test_reference_matches_source(by_mode, checkpoints, variant: str, path: str) -> None:
     """CUTLASS and b12x shared: bit-exact. Baked: bit-exact against the source with its own
     bake, and within the manifest's reported weight error of the exact (shared) result."""
     mode = "baked" if path == "baked" else "shared"
     threshold = 1 if path == "cutlass" else 10**6  # route every batch to one path
-    art = load(artifacts[(variant, mode)], device="cpu", threshold=threshold)
+    art = load(by_mode[(variant, mode)], device="cpu", threshold=threshold)
     m = art.manifest.model
     for i, (layer, moe) in enumerate(art.moe_layers.items()):
         assert moe.route(16) == ("cutlass" if path == "cutlass" else "b12x")
@@ -203,10 +191,10 @@ def test_reference_matches_source(artifacts, checkpoints, variant: str, path: st
             assert err <= 4 * rec.fidelity.b12x_max_rel_err
 
 
-def test_paths_agree_when_lossless(artifacts) -> None:
+def test_paths_agree_when_lossless(by_mode) -> None:
     """Shared-mode decode and CUTLASS prefill read the same scale bytes: outputs agree closely."""
-    art_c = load(artifacts[("gated", "shared")], device="cpu", threshold=1)
-    art_b = load(artifacts[("gated", "shared")], device="cpu", threshold=10**6)
+    art_c = load(by_mode[("gated", "shared")], device="cpu", threshold=1)
+    art_b = load(by_mode[("gated", "shared")], device="cpu", threshold=10**6)
     x = inputs(5, 64, seed=3)
     ids, w = routing(5, 4, 2, seed=4)
     for layer in art_c.moe_layers:
@@ -219,11 +207,11 @@ def test_paths_agree_when_lossless(artifacts) -> None:
 
 
 @pytest.mark.parametrize("threads,chunk", [(None, None), (1, 4096), (3, 3 * 4096), (8, 5 * 4096)])
-def test_loaded_bytes_equal_file_bytes(artifacts, threads, chunk) -> None:
+def test_loaded_bytes_equal_file_bytes(by_mode, threads, chunk) -> None:
     """Zero arithmetic: every tensor's bytes are the file's bytes at its header offsets, and all
     of a layer's tensors are views of one storage holding exactly the file's data region, however
     many threads read it in however many chunks."""
-    root = artifacts[("gated", "baked")]
+    root = by_mode[("gated", "baked")]
     tuning = {} if threads is None else {"read_threads": threads, "chunk_bytes": chunk}
     art = load(root, device="cpu", **tuning)
     for layer, moe in art.moe_layers.items():
@@ -259,8 +247,8 @@ def test_parallel_reader_bytes_equal(tmp_path, threads, readahead) -> None:
             r.read_into(path, 4096, memoryview(bytearray(len(raw))))
 
 
-def test_layer_subset_and_per_layer_backend(artifacts, caplog) -> None:
-    root = artifacts[("super", "shared")]
+def test_layer_subset_and_per_layer_backend(by_mode, caplog) -> None:
+    root = by_mode[("super", "shared")]
     with caplog.at_level(logging.INFO, logger="moepack.runtime"):
         art = load(root, device="cpu", layers=[3], backend={3: "reference"})
     assert list(art.moe_layers) == [3] and art.moe_layers[3].backend == "reference"
@@ -276,8 +264,8 @@ def _copy(root: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def test_rejects_bad_version(artifacts, tmp_path) -> None:
-    root = _copy(artifacts[("nano", "baked")], tmp_path)
+def test_rejects_bad_version(by_mode, tmp_path) -> None:
+    root = _copy(by_mode[("nano", "baked")], tmp_path)
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["format_version"] = 2
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -285,8 +273,8 @@ def test_rejects_bad_version(artifacts, tmp_path) -> None:
         load(root, device="cpu")
 
 
-def test_target_must_match_sm12x_device(artifacts) -> None:
-    root = artifacts[("nano", "baked")]  # target sm120
+def test_target_must_match_sm12x_device(by_mode) -> None:
+    root = by_mode[("nano", "baked")]  # target sm120
     with pytest.raises(CompatibilityError, match="targets sm120 but this GPU is SM121"):
         load(root, device="cpu", capability=(12, 1))
     # Other devices run the reference backend whatever the target.
@@ -302,12 +290,12 @@ def test_target_must_match_sm12x_device(artifacts) -> None:
         (None, "fast", "unknown backend"),
     ],
 )
-def test_backend_must_exist_on_device(artifacts, capability, backend, match) -> None:
+def test_backend_must_exist_on_device(by_mode, capability, backend, match) -> None:
     with pytest.raises(CompatibilityError, match=match):
-        load(artifacts[("nano", "baked")], device="cpu", capability=capability, backend=backend)
+        load(by_mode[("nano", "baked")], device="cpu", capability=capability, backend=backend)
 
 
-def test_shared_mode_needs_input_global_scale(artifacts, monkeypatch) -> None:
+def test_shared_mode_needs_input_global_scale(by_mode, monkeypatch) -> None:
     """An older FlashInfer whose `B12xMoEWrapper.run` lacks `input_global_scale` is refused
     before any weight is read (simulated: no SM12x GPU here)."""
     import flashinfer
@@ -335,11 +323,11 @@ def test_shared_mode_needs_input_global_scale(artifacts, monkeypatch) -> None:
         lambda *a: pytest.fail("weights were read before the compatibility check"),
     )
     with pytest.raises(CompatibilityError, match="input_global_scale"):
-        load(artifacts[("super", "shared")], device="cpu", capability=(12, 0))
+        load(by_mode[("super", "shared")], device="cpu", capability=(12, 0))
 
 
-def test_verify_before_loading(artifacts, tmp_path) -> None:
-    root = _copy(artifacts[("nano", "shared")], tmp_path)
+def test_verify_before_loading(by_mode, tmp_path) -> None:
+    root = _copy(by_mode[("nano", "shared")], tmp_path)
     assert load(root, device="cpu", verify=True).moe_layers
     path = root / "moe/layer-00000.safetensors"
     data = bytearray(path.read_bytes())
@@ -353,8 +341,8 @@ def test_verify_before_loading(artifacts, tmp_path) -> None:
     ]
 
 
-def test_rejects_unsupported_inputs(artifacts) -> None:
-    moe = load(artifacts[("nano", "baked")], device="cpu").moe_layers[0]
+def test_rejects_unsupported_inputs(by_mode) -> None:
+    moe = load(by_mode[("nano", "baked")], device="cpu").moe_layers[0]
     ids, w = routing(3, 6, 2, seed=0)
     with pytest.raises(ValueError, match="pre-quantized FP4"):
         moe(torch.zeros(3, 32, dtype=torch.uint8), ids, w)

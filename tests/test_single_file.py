@@ -10,31 +10,24 @@ import pytest
 from click.testing import CliRunner
 
 from moepack.cli import main
-from moepack.convert import synthetic
 from moepack.convert.checkpoint import Checkpoint
-from moepack.convert.pipeline import convert_checkpoint
 from moepack.format import read_manifest
 from moepack.runtime.loader import load
 from moepack.runtime.verify import verify_artifact
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("single")
-    return synthetic.write_checkpoint(
-        root / "super", synthetic.default_spec("super"), single_file=True
-    )
+def single(artifact_factory) -> Path:
+    return artifact_factory.checkpoint("super", "single")
 
 
-def test_layout_is_one_file_without_index(single: Path) -> None:
+def test_layout_is_one_file_without_index(single: Path, checkpoints) -> None:
     assert (single / "model.safetensors").is_file()
     assert not (single / "model.safetensors.index.json").exists()
     assert not list(single.glob("model-*.safetensors"))
     ckpt = Checkpoint(single)
     assert ckpt.shards == ["model.safetensors"]
-    sharded = Checkpoint(
-        synthetic.write_checkpoint(single.parent / "sharded", synthetic.default_spec("super"))
-    )
+    sharded = Checkpoint(checkpoints["super"])
     assert set(ckpt.weight_map) == set(sharded.weight_map)
     name = next(n for n in ckpt.weight_map if n.endswith("experts.3.down_proj.weight"))
     assert ckpt.get(name).equal(sharded.get(name))
@@ -42,7 +35,7 @@ def test_layout_is_one_file_without_index(single: Path) -> None:
     sharded.close()
 
 
-def test_convert_verify_load_single_file(single: Path, tmp_path: Path, checkpoints) -> None:
+def test_convert_verify_load_single_file(single: Path, tmp_path: Path, by_mode) -> None:
     out = tmp_path / "art"
     result = CliRunner().invoke(main, ["convert", str(single), "--target", "sm120", "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -53,8 +46,7 @@ def test_convert_verify_load_single_file(single: Path, tmp_path: Path, checkpoin
     ]
     assert (out / "model" / "model.safetensors").is_file()
     # Same tensors as the sharded layout: the layer files are byte-identical.
-    ref = tmp_path / "ref"
-    convert_checkpoint(checkpoints["super"], ref)
+    ref = by_mode[("super", "baked")]
     for rec in m["layers"]:
         assert (out / rec["file"]).read_bytes() == (ref / rec["file"]).read_bytes()
     art = load(out, device="cpu", backend="reference")
