@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -95,30 +96,53 @@ def is_pass_through(name: str, size: int) -> bool:
     )
 
 
-class Checkpoint:
-    """A local checkpoint directory; tensors are read lazily, one safetensors handle per shard."""
+def weight_map_of(root: Path, header: Callable[[str], Header]) -> dict[str, str]:
+    """Tensor name -> shard, from the index, or from the one file's header when there is none."""
+    if (root / INDEX).exists():
+        weight_map = read_json(root / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{root / INDEX}: no weight_map", path=root / INDEX)
+        return {str(k): str(v) for k, v in weight_map.items()}
+    if (root / SINGLE).exists():
+        return dict.fromkeys(header(SINGLE).tensors, SINGLE)
+    raise CheckpointError(f"{root}: neither {INDEX} nor {SINGLE}", path=root)
 
-    def __init__(self, root: Path) -> None:
+
+class Checkpoint:
+    """A checkpoint's tensors, read lazily, one file handle per shard.
+
+    Standing alone, `Checkpoint(root)` reads a local directory's config, quant config and index.
+    `moepack.convert.source.Source` builds it from what it has already parsed (`config`,
+    `quant`, `weight_map`), with `file_path` handing out each file's local path on demand (a hub
+    source fetches a shard the first time it is asked for), so nothing is read twice.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        config: dict[str, Any] | None = None,
+        quant: QuantConfig | None = None,
+        weight_map: dict[str, str] | None = None,
+        file_path: Callable[[str], Path] | None = None,
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise CheckpointError(f"{self.root}: not a directory")
-        self.config = read_json(self.root / "config.json")
-        self.quant = load_quant_config(self.root, self.config)
+        self._file_path = file_path
+        self.config = read_json(self.root / "config.json") if config is None else config
+        self.quant = load_quant_config(self.root, self.config) if quant is None else quant
         # The caches exist before the weight map is built: a single-file checkpoint's map is
         # read from its header (ModelOpt writes that layout for small models).
         self._headers: dict[str, Header] = {}
         self._files: dict[str, BinaryIO] = {}
-        self.weight_map = self._weight_map()
+        self.weight_map = (
+            weight_map_of(self.root, self.header) if weight_map is None else weight_map
+        )
 
-    def _weight_map(self) -> dict[str, str]:
-        if (self.root / INDEX).exists():
-            weight_map = read_json(self.root / INDEX).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{self.root / INDEX}: no weight_map")
-            return {str(k): str(v) for k, v in weight_map.items()}
-        if (self.root / SINGLE).exists():
-            return dict.fromkeys(self.header(SINGLE).tensors, SINGLE)
-        raise CheckpointError(f"{self.root}: neither {INDEX} nor {SINGLE}")
+    def path(self, name: str) -> Path:
+        """The local path of the checkpoint file `name` (fetched first if the source must)."""
+        return self._file_path(name) if self._file_path is not None else self.root / name
 
     @property
     def shards(self) -> list[str]:
@@ -127,7 +151,7 @@ class Checkpoint:
     def header(self, shard: str) -> Header:
         if shard not in self._headers:
             try:
-                self._headers[shard] = read_header(self.root / shard)
+                self._headers[shard] = read_header(self.path(shard))
             except HeaderError as exc:
                 raise CheckpointError(str(exc)) from None
         return self._headers[shard]
@@ -155,7 +179,7 @@ class Checkpoint:
                 tensor=name,
             )
         if shard not in self._files:
-            self._files[shard] = open(self.root / shard, "rb")  # noqa: SIM115 (closed in close())
+            self._files[shard] = open(self.path(shard), "rb")  # noqa: SIM115 (closed in close())
         return self._files[shard].fileno(), entry
 
     def short_read(self, name: str) -> CheckpointError:
@@ -181,10 +205,15 @@ class Checkpoint:
         return data.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
 
     def pass_through_files(self) -> list[str]:
+        return self.pass_through_files_of(self.root)
+
+    @staticmethod
+    def pass_through_files_of(root: Path) -> list[str]:
+        """The files under `root` that pass through unchanged (`is_pass_through`)."""
         return sorted(
-            str(p.relative_to(self.root))
-            for p in self.root.rglob("*")
-            if p.is_file() and is_pass_through(str(p.relative_to(self.root)), p.stat().st_size)
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and is_pass_through(str(p.relative_to(root)), p.stat().st_size)
         )
 
     def close(self) -> None:

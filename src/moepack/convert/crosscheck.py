@@ -7,15 +7,14 @@ source converts to today (catching, say, an artifact made from another revision)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from moepack.format.validate import read_manifest
 
-from .checkpoint import Checkpoint
-from .moe_layers import find_moe_layers
-from .pipeline import resolve_source
+from .source import open_source
 from .transform import convert_layer
 
 
@@ -33,16 +32,18 @@ def sample_layers(layers: list[int], count: int) -> list[int]:
     return sorted({layers[round(i * step)] for i in range(count)})
 
 
-def crosscheck(artifact: Path, source: str, sample: int = 2) -> list[str]:
-    """Mismatch descriptions (empty when every sampled layer's tensors are byte-identical)."""
+def crosscheck(
+    artifact: Path, source: str, sample: int = 2, hub: dict[str, Any] | None = None
+) -> list[str]:
+    """Mismatch descriptions (empty when every sampled layer's tensors are byte-identical).
+    `hub` goes to `open_repo` (token, endpoint, cache_dir) when `source` is a hub repo."""
     manifest = read_manifest(Path(artifact))
-    # A local directory is read as it is: hashing every source file would cost more than the
-    # sampled layers. A hub source is fetched (and checked) at the artifact's commit.
-    root = Path(source)
-    if not root.is_dir():
-        root = resolve_source(source, manifest.source.commit, True, False).root
-    ckpt = Checkpoint(root)
-    found = {m.layer: m for m in find_moe_layers(ckpt.weight_map, ckpt.quant, ckpt.config)}
+    # Only what the sampled layers need is read: a local directory as it is (hashing every
+    # source file would cost more than the layers), a hub repo at the artifact's commit, each
+    # file fetched (and checked against the Hub listing) the first time a layer asks for it.
+    src = open_source(source, manifest.source.commit, **(hub or {}))
+    ckpt = src.checkpoint()
+    found = {m.layer: m for m in src.moe_layers}
     problems = []
     by_layer = {entry.layer: entry for entry in manifest.layers}
     for layer in sample_layers(sorted(by_layer), sample):

@@ -103,6 +103,11 @@ class HubRepo:
             },
         }
 
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where this commit's files appear in the cache as they are fetched (the repo's layout)."""
+        return self._storage / "snapshots" / self.commit
+
     def sha256_of(self, filename: str) -> str:
         """The verified sha256 of a file fetched by this object."""
         if filename not in self._sha256:

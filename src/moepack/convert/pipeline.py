@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +31,6 @@ from moepack.errors import (
     CompatibilityError,
     ConvertError,
     DiskSpaceError,
-    SourceError,
     UsageError,
 )
 from moepack.format import (
@@ -48,18 +46,13 @@ from moepack.format import (
 )
 from moepack.format import constants as fmt
 from moepack.format.validate import manifest_errors
-from moepack.recipes import resolve_alias
 from moepack.runtime.verify import sha256_file
 
 from .checkpoint import (
     INDEX,
-    QUANT_CONFIG,
     Checkpoint,
-    is_pass_through,
-    load_quant_config,
-    read_json,
 )
-from .moe_layers import MoELayer, check_supported_config, find_moe_layers
+from .moe_layers import MoELayer
 from .outdir import (
     OutputLock,
     check_free_space,
@@ -68,6 +61,7 @@ from .outdir import (
     prune_empty,
     refuse_foreign,
 )
+from .source import SourceRecord, open_source
 from .transform import convert_layer, geometry_of
 from .writer import (
     TMP_SUFFIX,
@@ -88,23 +82,6 @@ PARTIAL = ".moepack-partial"
 STATE = f"{PARTIAL}/state.json"
 
 
-@dataclass
-class Source:
-    """A checkpoint on local disk, and what the manifest records about where it came from."""
-
-    root: Path
-    record: dict[str, Any]
-    pending: Future[list[dict[str, Any]]] | None = None
-    """A local source's file hashes while they are still being computed (in the background)."""
-
-    def settle(self) -> dict[str, Any]:
-        """The record, its `files` hashed (waits for background hashing, re-raising its error)."""
-        if self.pending is not None:
-            self.record["files"] = self.pending.result()
-            self.pending = None
-        return self.record
-
-
 def _limit_malloc_arenas() -> None:
     """Cap glibc's malloc arenas at 2: with one arena per thread (torch's pool, the fidelity
     and writer threads) freed layer temporaries stay resident; on a 16-core host a two-layer
@@ -115,151 +92,6 @@ def _limit_malloc_arenas() -> None:
         return
     m_arena_max = -8
     mallopt(m_arena_max, 2)
-
-
-def _hash_files(root: Path, names: list[str], daemon: bool = False) -> list[dict[str, Any]]:
-    """sha256 of each source file, parallel across files (hashlib releases the GIL); on daemon
-    threads if `daemon` (see `_hash_files_background`)."""
-    workers = max(1, min(len(names), max(4, (os.cpu_count() or 1) // 2)))
-    if not daemon:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            digests = list(pool.map(lambda n: sha256_file(root / n), names))
-    else:
-        digests = _daemon_map(lambda n: sha256_file(root / n), names, workers)
-    return [
-        {"path": n, "size": (root / n).stat().st_size, "sha256": d}
-        for n, d in zip(names, digests, strict=True)
-    ]
-
-
-def _hash_files_background(root: Path, names: list[str]) -> Future[list[dict[str, Any]]]:
-    """`_hash_files` on daemon threads: an interrupted conversion exits without waiting for
-    the hashing of a large checkpoint to finish."""
-    result: Future[list[dict[str, Any]]] = Future()
-    result.set_running_or_notify_cancel()
-
-    def run() -> None:
-        try:
-            result.set_result(_hash_files(root, names, daemon=True))
-        except BaseException as exc:
-            result.set_exception(exc)
-
-    threading.Thread(target=run, name="moepack-source-hash", daemon=True).start()
-    return result
-
-
-def _daemon_map(fn: Callable[[str], str], items: list[str], workers: int) -> list[str]:
-    """`[fn(x) for x in items]` on `workers` daemon threads; the first error is re-raised."""
-    out: list[str | None] = [None] * len(items)
-    errors: list[BaseException] = []
-    jobs = iter(enumerate(items))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while not errors:
-            with lock:
-                job = next(jobs, None)
-            if job is None:
-                return
-            try:
-                out[job[0]] = fn(job[1])
-            except BaseException as exc:
-                errors.append(exc)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return [x for x in out if x is not None]
-
-
-def _needed_weight_files(root: Path) -> list[str]:
-    if (root / INDEX).exists():
-        return [INDEX, *sorted(set(read_json(root / INDEX).get("weight_map", {}).values()))]
-    return ["model.safetensors"]
-
-
-def local_source(path: Path, moe_only: bool, defer_hashes: bool = False) -> Source:
-    """`defer_hashes` hashes the files in the background (`Source.settle` waits): a fresh
-    conversion reads and converts layers meanwhile instead of waiting ~0.3 s a GB."""
-    root = Path(path).resolve()
-    ckpt = Checkpoint(root)
-    check_supported_config(ckpt.config)
-    names = ["config.json", *([QUANT_CONFIG] if (root / QUANT_CONFIG).exists() else [])]
-    names += _needed_weight_files(root)
-    if not moe_only:
-        names += [n for n in ckpt.pass_through_files() if n not in names]
-    record = {
-        "type": "local",
-        "repo_id": None,
-        "revision": None,
-        "commit": None,
-        "path": str(root),
-        "files": None,
-    }
-    if not defer_hashes:
-        return Source(root, record | {"files": _hash_files(root, sorted(set(names)))})
-    return Source(root, record, _hash_files_background(root, sorted(set(names))))
-
-
-def hub_source(
-    repo_id: str, revision: str | None, moe_only: bool, progress: bool, **hub: Any
-) -> Source:
-    """Config first: refuse an unsupported model before any weight is downloaded."""
-    from .hub import open_repo  # huggingface_hub is imported only when the Hub is used
-
-    repo = open_repo(repo_id, revision, **hub)
-    first = ["config.json", *([QUANT_CONFIG] if QUANT_CONFIG in repo.files else [])]
-    paths = repo.fetch(first)
-    root = paths["config.json"].parent
-    config = read_json(root / "config.json")
-    check_supported_config(config)
-    quant = load_quant_config(root, config)
-    if INDEX in repo.files:
-        repo.fetch([INDEX])
-        find_moe_layers(read_json(root / INDEX).get("weight_map", {}), quant, config)
-    names = [n for n in _needed_weight_files(root) if n != INDEX]
-    if not moe_only:
-        names += [n for n, f in repo.files.items() if is_pass_through(n, f.size) and n not in first]
-    repo.fetch(names, progress=progress)
-    every = sorted(set(first + names + ([INDEX] if INDEX in repo.files else [])))
-    files = [{"path": n, "size": repo.files[n].size, "sha256": repo.sha256_of(n)} for n in every]
-    return Source(
-        root,
-        {
-            "type": "hub",
-            "repo_id": repo.repo_id,
-            "revision": repo.revision,
-            "commit": repo.commit,
-            "path": None,
-            "files": files,
-        },
-    )
-
-
-def resolve_source(
-    spec: str,
-    revision: str | None,
-    moe_only: bool,
-    progress: bool,
-    *,
-    defer_hashes: bool = False,
-    **hub: Any,
-) -> Source:
-    """A recipe alias, a local directory, or a hub repo id, in that order."""
-    recipe = resolve_alias(spec)
-    if recipe is not None:
-        return hub_source(
-            recipe["repo_id"], revision or recipe.get("revision"), moe_only, progress, **hub
-        )
-    if Path(spec).is_dir():
-        return local_source(Path(spec), moe_only, defer_hashes)
-    if spec.count("/") == 1 and not Path(spec).exists():
-        return hub_source(spec, revision, moe_only, progress, **hub)
-    raise SourceError(f"{spec}: not a recipe alias, a local checkpoint directory, or a hub repo id")
 
 
 class _State:
@@ -586,7 +418,7 @@ def _pass_through(
         if rec is None:
             header = ckpt.header(shard)
             blobs = [
-                (n, Blob.file_range(ckpt.root / shard, t.dtype, t.shape, t.start, t.end))
+                (n, Blob.file_range(ckpt.path(shard), t.dtype, t.shape, t.start, t.end))
                 for n in sorted(names, key=lambda n: header.tensors[n].start)
                 for t in [header.tensors[n]]
             ]
@@ -605,7 +437,7 @@ def _pass_through(
         rel = f"{fmt.MODEL_DIR}/{name}"
         rec = state.reusable(rel)
         if rec is None:
-            rec = {"file": copy_file(ckpt.root / name, out, rel).record("model_file")}
+            rec = {"file": copy_file(ckpt.path(name), out, rel).record("model_file")}
             state.add(rel, rec)
         records.append(rec["file"])
     records.append(write_json(out, f"{fmt.MODEL_DIR}/{INDEX}", index).record("model_file"))
@@ -644,7 +476,7 @@ def _plan(ckpt: Checkpoint, layers: list[MoELayer], mode: str, moe_only: bool) -
             meta = ckpt.header(shard).metadata or None
             plan[f"{fmt.MODEL_DIR}/{shard}"] = planned_safetensors_size(specs, meta, align=False)
         for name in ckpt.pass_through_files():
-            plan[f"{fmt.MODEL_DIR}/{name}"] = (ckpt.root / name).stat().st_size
+            plan[f"{fmt.MODEL_DIR}/{name}"] = ckpt.path(name).stat().st_size
         plan[f"{fmt.MODEL_DIR}/{INDEX}"] = 128 * len(ckpt.weight_map) + 1024
     plan[fmt.MANIFEST] = 4096 + 1024 * len(plan)
     return plan
@@ -702,13 +534,14 @@ def convert_checkpoint(
         raise ConvertError(f"{out}: exists and is not a directory", path=out)
     if Path(str(source)).is_dir():
         check_not_source(out, Path(str(source)))
-    src = resolve_source(str(source), revision, moe_only, progress, defer_hashes=True, **hub)
-    check_not_source(out, src.root)
+    origin = open_source(str(source), revision, progress, **hub)
+    check_not_source(out, origin.root)
+    layers = origin.moe_layers  # refused here, before a hub source's weights are downloaded
+    src = origin.record(moe_only, defer_hashes=True)  # a hub source downloads here
     if (out / fmt.MANIFEST).exists() or (out / STATE).exists():
         src.settle()  # a finished or interrupted job there is matched by the source hashes
-    ckpt = Checkpoint(src.root)
+    ckpt = origin.checkpoint()
     try:
-        layers = find_moe_layers(ckpt.weight_map, ckpt.quant, ckpt.config)
         fingerprint = {
             "tool": moepack.__version__,
             "format_version": fmt.FORMAT_VERSION,
@@ -747,7 +580,7 @@ def convert_checkpoint(
 
 def _convert_locked(
     ckpt: Checkpoint,
-    src: Source,
+    src: SourceRecord,
     layers: list[MoELayer],
     out: Path,
     fingerprint: dict[str, Any],
