@@ -150,13 +150,6 @@ class DiskSpaceError(ConvertError):
     bytes free. Exit 2."""
 
 
-class CheckFailed(MoepackError):
-    """A command's own check failed (demo outputs disagree, `verify --source` found re-derived
-    layers that differ). Exit 1."""
-
-    exit_code: ClassVar[int] = EXIT_CHECK_FAILED
-
-
 __all__ = [
     "EXIT_CHECK_FAILED",
     "EXIT_INTERRUPTED",
@@ -164,7 +157,6 @@ __all__ = [
     "EXIT_UNUSABLE",
     "ArtifactError",
     "BackendError",
-    "CheckFailed",
     "CheckpointError",
     "CompatibilityError",
     "ConvertError",
