@@ -27,8 +27,10 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ import pytest
 from click.testing import CliRunner
 
 from moepack.cli import main
-from moepack.convert import writer
+from moepack.convert import synthetic, writer
 from moepack.convert.outdir import LOCK, OutputLock
 from moepack.errors import MoepackError
 from moepack.format import MANIFEST
@@ -293,6 +295,152 @@ def _no_tmp_left(ctx: Ctx, _: Outcome) -> None:
     assert (out / "moe" / "layer-00001.safetensors").is_file()  # the finished layer is kept
 
 
+# -- rows: checkpoints and sources ----------------------------------------------------------------
+
+
+def _single_file_checkpoint(ctx: Ctx) -> Outcome:
+    return cli("convert", ctx.single, "--target", "sm120", "-o", ctx.path("out"))
+
+
+def _single_file_converted(ctx: Ctx, res: Outcome) -> None:
+    assert verifies_complete(ctx.path("out")), res.stdout
+
+
+def _misshapen_expert(ctx: Ctx) -> Outcome:
+    """Expert 5 of layer 1 (the first MoE layer) has a down_proj weight of the wrong shape (the layer spans shards)."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((ctx.ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "backbone.layers.1.mixer.experts.5.down_proj.weight"
+    shard = ctx.ckpt / index[name]
+    tensors = load_file(str(shard))
+    tensors[name] = tensors[name][:, :-8].contiguous()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    ctx.notes["shard"] = index[name]
+    return cli("convert", ctx.ckpt, "--target", "sm120", "-o", ctx.path("out"))
+
+
+def _names_shard_no_dir(ctx: Ctx, res: Outcome) -> None:
+    assert ctx.notes["shard"] in res.stderr
+    assert not ctx.path("out").exists()  # failed after the output was claimed: removed again
+
+
+def _verify_source(where: Callable[[Ctx], str], *extra: str) -> Callable[[Ctx], Outcome]:
+    def act(ctx: Ctx) -> Outcome:
+        art = ctx.artifact("art")
+        return cli("verify", art, "--source", where(ctx), *extra)
+
+    return act
+
+
+def _other_model(ctx: Ctx) -> str:
+    return str(synthetic.write_checkpoint(ctx.path("nano"), synthetic.default_spec("nano")))
+
+
+def _same_shape_other_weights(ctx: Ctx) -> str:
+    spec = synthetic.default_spec("super", seed=11)
+    return str(synthetic.write_checkpoint(ctx.path("other"), spec))
+
+
+def _headline_failed(ctx: Ctx, res: Outcome) -> None:
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("FAILED:") and "OK" not in res.stdout, res.stdout
+    assert "moe/layer-00001.safetensors" in res.stdout
+
+
+def _json_error_object(ctx: Ctx, res: Outcome) -> None:
+    obj = json.loads(res.stdout)
+    assert obj["ok"] is False and obj["exit_code"] == 2
+    assert obj["error"]["type"] == "SourceError" and obj["error"]["path"].endswith("missing")
+
+
+def _unknown_hub_id(ctx: Ctx) -> Outcome:
+    """`verify --source nvidia/foo` against a loopback hub that has no such repo."""
+    from fake_hub import FakeHub
+    from huggingface_hub import constants
+
+    art = ctx.artifact("art")
+    with FakeHub() as hub:
+        ctx.monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        ctx.monkeypatch.setattr(constants, "HF_HUB_CACHE", str(ctx.path("hf")))
+        return cli("verify", art, "--source", "nvidia/foo", "--json")
+
+
+def _hub_cut_before_first_byte(ctx: Ctx) -> Outcome:
+    """A hub transfer that dies before its first byte: nothing saved, so no resume promised."""
+    from fake_hub import FakeHub
+    from huggingface_hub import constants, file_download
+
+    from moepack.convert.pipeline import convert_checkpoint
+
+    ctx.monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
+    ctx.monkeypatch.setattr(file_download.time, "sleep", lambda _s: None)
+    with FakeHub() as hub:
+        hub.add_repo("acme/tiny-moe", ctx.ckpt)
+        hub.interrupt("model-00002-of-00003.safetensors", after_bytes=0, times=50)
+        return library(
+            lambda: convert_checkpoint(
+                "acme/tiny-moe",
+                ctx.path("out"),
+                endpoint=hub.endpoint,
+                cache_dir=ctx.path("hf"),
+                token=False,
+            )
+        )
+
+
+def _no_resume_promise(ctx: Ctx, res: Outcome) -> None:
+    assert "resume" not in res.message, res.message
+    assert not ctx.path("out").exists()
+
+
+# -- rows: messages and output ----------------------------------------------------------------------
+
+
+def _out_under_a_file(ctx: Ctx) -> Outcome:
+    (ctx.tmp / "plain").write_text("a file, not a directory\n")
+    return cli("convert", ctx.ckpt, "--target", "sm120", "-o", ctx.tmp / "plain" / "art")
+
+
+def _no_errno(ctx: Ctx, res: Outcome) -> None:
+    assert "Errno" not in res.message and "[" not in res.stderr, res.stderr
+
+
+def _sizes_printed(ctx: Ctx) -> Outcome:
+    out = ctx.path("out")
+    texts = [cli("convert", ctx.ckpt, "--target", "sm120", "-o", out).stdout]
+    texts += [cli("verify", out).stdout, cli("inspect", out).stdout]
+    ctx.notes["texts"] = texts
+    return Outcome(0)
+
+
+def _human_sizes(ctx: Ctx, _: Outcome) -> None:
+    for text in ctx.notes["texts"]:
+        assert not re.search(r"\b0\.0+ [GM]B\b", text), text
+        assert re.search(r"\d+(\.\d+)? KiB", text), text
+    inspect = ctx.notes["texts"][2]
+    # flushed b12x scales come with the count they are out of
+    assert re.search(r"b12x scales flushed to zero \d[\d,]* of [\d,]+ \(\d+\.\d+%\)", inspect)
+
+
+def _manifest_path(rel: str) -> Callable[[Ctx], Outcome]:
+    def act(ctx: Ctx) -> Outcome:
+        art = ctx.artifact("art")
+        manifest = json.loads((art / MANIFEST).read_text())
+        manifest["files"][0]["path"] = rel
+        (art / MANIFEST).write_text(json.dumps(manifest))
+        return cli("inspect", art)
+
+    return act
+
+
+def _escaping_symlink(ctx: Ctx) -> Outcome:
+    art = ctx.artifact("art")
+    (art / "model" / "config.json").unlink()
+    (art / "model" / "config.json").symlink_to(ctx.ckpt / "config.json")
+    return cli("inspect", art)
+
+
 ROWS: list[Row] = [
     Row(
         "convert into a non-empty directory that is not moepack's",
@@ -423,6 +571,102 @@ ROWS: list[Row] = [
         ),
         after=_no_tmp_left,
     ),
+    Row(
+        "single-file checkpoint (model.safetensors, no index)",
+        _single_file_checkpoint,
+        0,
+        (),
+        leaves=lambda ctx: [],
+        after=_single_file_converted,
+    ),
+    Row(
+        "tensor error names its shard file; the failed conversion leaves no directory",
+        _misshapen_expert,
+        2,
+        (r"model-0000\d-of-00003\.safetensors: backbone\.layers\.1\.mixer\.experts\.5\.down_proj",),
+        after=_names_shard_no_dir,
+    ),
+    Row(
+        "verify --source: missing directory",
+        _verify_source(lambda ctx: str(ctx.path("missing"))),
+        2,
+        (r"missing: no such directory",),
+        leaves=lambda ctx: [],
+    ),
+    Row(
+        "verify --source --json: missing directory gives a JSON error object",
+        _verify_source(lambda ctx: str(ctx.path("missing")), "--json"),
+        2,
+        (r"no such directory",),
+        leaves=lambda ctx: [],
+        after=_json_error_object,
+    ),
+    Row(
+        "verify --source: another model",
+        _verify_source(_other_model),
+        2,
+        (r"not the checkpoint this artifact was converted from", r"\[0, 3\].*\[1, 3\]"),
+        leaves=lambda ctx: [],
+    ),
+    Row(
+        "verify --source: unknown hub id",
+        _unknown_hub_id,
+        2,
+        (r"nvidia/foo", r"repository not found"),
+        leaves=lambda ctx: [],
+    ),
+    Row(
+        "verify --source: differences are not headlined OK",
+        _verify_source(_same_shape_other_weights),
+        1,
+        (),
+        leaves=lambda ctx: [],
+        after=_headline_failed,
+    ),
+    Row(
+        "hub failure that saved nothing does not say 'rerun to resume'",
+        _hub_cut_before_first_byte,
+        2,
+        (r"model-00002-of-00003\.safetensors", r"nothing of this file was saved"),
+        after=_no_resume_promise,
+    ),
+    Row(
+        "OS errors are not raw errno text",
+        _out_under_a_file,
+        2,
+        (r"plain.*: (not a directory|file exists)",),
+        leaves=lambda ctx: [],
+        after=_no_errno,
+    ),
+    Row(
+        "sizes print in human units; inspect gives the flushed-scale total",
+        _sizes_printed,
+        0,
+        (),
+        leaves=lambda ctx: [],
+        after=_human_sizes,
+    ),
+    Row(
+        "inspect flags a manifest path verify rejects (..)",
+        _manifest_path("../escape.json"),
+        2,
+        (r"\.\./escape\.json",),
+        leaves=lambda ctx: [ctx.path("art")],
+    ),
+    Row(
+        "inspect flags an absolute manifest path",
+        _manifest_path("/etc/passwd"),
+        2,
+        (r"/etc/passwd",),
+        leaves=lambda ctx: [ctx.path("art")],
+    ),
+    Row(
+        "inspect flags a listed file that is a symlink out of the artifact",
+        _escaping_symlink,
+        2,
+        (r"model/config\.json", r"outside the artifact"),
+        leaves=lambda ctx: [ctx.path("art")],
+    ),
 ]
 
 
@@ -498,3 +742,140 @@ def test_disk_full_on_a_real_tiny_filesystem(ctx: Ctx) -> None:
         assert "Errno" not in res.stderr and "Traceback" not in res.stderr
         assert not verifies_complete(out)
         assert not list(out.rglob("*.moepack-tmp")) if out.exists() else True
+
+
+# -- the command line as a process: python -m, runtime-only install, progress on a terminal -------
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = ("huggingface_hub", "tqdm", "hf_xet", "httpx2")
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (runtime-only install)", name=name)
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+"""A sitecustomize that makes the [convert] extra's modules unimportable: a runtime-only install
+(`pip install moepack`) without building a second environment."""
+
+
+def _process(
+    args: list[str], env: dict[str, str] | None = None, stderr: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE",)}
+    full.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "moepack", *args],
+        env=full,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=stderr if stderr is not None else subprocess.PIPE,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("built") / "art"
+    assert cli("convert", sources["sharded"], "--target", "sm120", "-o", out).code == 0
+    return out
+
+
+def test_python_dash_m_moepack(built: Path) -> None:
+    res = _process(["--version"])
+    assert res.returncode == 0 and res.stdout.startswith("moepack, version"), res.stderr
+    res = _process(["verify", str(built)])
+    assert res.returncode == 0 and res.stdout.startswith("OK:"), res.stdout + res.stderr
+
+
+def test_runtime_only_install_verifies_and_inspects(built: Path, tmp_path: Path) -> None:
+    """Runtime-only install simulated by blocking huggingface_hub, tqdm (and their helpers) at
+    import time in the child process."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {"PYTHONPATH": path}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import tqdm"], env=os.environ | env, capture_output=True, text=True
+    )
+    assert probe.returncode != 0 and "runtime-only install" in probe.stderr  # the block holds
+    for args in (["--help"], ["verify", str(built)], ["inspect", str(built)], ["recipes"]):
+        res = _process(args, env)
+        assert res.returncode == 0, (args, res.stdout, res.stderr)
+        assert "Traceback" not in res.stderr
+    res = _process(["convert", "nvidia/foo", "--target", "sm120", "-o", str(tmp_path / "o")], env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "pip install 'moepack[convert]'" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_quiet_and_no_progress_on_every_command(ctx: Ctx) -> None:
+    for command in ("convert", "verify", "inspect", "recipes", "demo"):
+        res = cli(command, "--help")
+        assert "--quiet" in res.stdout and "--no-progress" in res.stdout, command
+    out = ctx.path("out")
+    res = cli("convert", ctx.ckpt, "--target", "sm120", "-o", out, "--quiet", "--no-progress")
+    assert res.code == 0 and res.stdout == "" and res.stderr == "", res
+    res = cli("verify", out, "-q")
+    assert res.code == 0 and res.stdout == "", res
+    assert cli("inspect", out, "--no-progress").stdout.startswith("moepack artifact")
+    # A failed check still says what failed under --quiet.
+    layer = out / "moe" / "layer-00001.safetensors"
+    layer.write_bytes(layer.read_bytes()[:-1] + b"\x01")
+    res = cli("verify", out, "--quiet")
+    assert res.code == 1 and "layer-00001.safetensors" in res.stdout
+
+
+def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> str:
+    """Run with stderr on a pseudo-terminal (what a user watching sees) and return it; the
+    terminal is read while the child runs (Linux drops unread pty output once it exits)."""
+    pty = pytest.importorskip("pty")
+    fcntl = pytest.importorskip("fcntl")
+    termios = pytest.importorskip("termios")
+    master, slave = pty.openpty()
+    # A real terminal has a size; tqdm draws nothing on a 0-column one.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):  # EIO once the child's side is closed
+            while data := os.read(master, 65536):
+                chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        res = _process(args, env, stderr=slave)
+    finally:
+        os.close(slave)
+    reader.join(timeout=10)
+    os.close(master)
+    assert res.returncode == 0, res.stdout
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {},
+        {"env": {"TQDM_DISABLE": "1"}},
+        {"env": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}},
+        {"args": ["--no-progress"]},
+        {"args": ["--quiet"]},
+    ],
+    ids=[
+        "terminal",
+        "TQDM_DISABLE=1",
+        "HF_HUB_DISABLE_PROGRESS_BARS=1",
+        "--no-progress",
+        "--quiet",
+    ],
+)
+def test_progress_bars_on_a_terminal(built: Path, how: dict[str, Any]) -> None:
+    seen = _stderr_on_a_terminal(["verify", str(built), *how.get("args", [])], how.get("env", {}))
+    if how:
+        assert "sha256" not in seen, seen
+    else:
+        assert "sha256" in seen, seen  # the bar this row turns off is there by default

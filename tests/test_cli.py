@@ -74,7 +74,7 @@ def test_convert_source_errors_exit_2(tmp_path: Path) -> None:
     code, out, err = _run(
         ["convert", str(tmp_path / "nope"), "--target", "sm120", "-o", str(tmp_path / "o")]
     )
-    assert code == 2 and "not a recipe alias" in err and "Traceback" not in out + err
+    assert code == 2 and "nope: no such directory" in err and "Traceback" not in out + err
     (tmp_path / "ckpt").mkdir()
     code, out, err = _run(
         [

@@ -308,7 +308,9 @@ def test_verify_source_rederives_layers(by_mode, checkpoints, tmp_path):
     other = synthetic.write_checkpoint(tmp_path / "other", synthetic.default_spec("super", seed=9))
     res = runner.invoke(main, ["verify", str(art), "--source", str(other)])
     assert res.exit_code == 1
-    assert "moe/layer-00001.safetensors:w13: differs from the source" in res.output
+    assert res.output.startswith("FAILED:")
+    assert "moe/layer-00001.safetensors: 13 of 13 tensors differ" in res.output
+    assert "(w13, w2, " in res.output
 
 
 def test_cli_inspect_and_verify_exit_codes(by_mode, tmp_path):

@@ -79,8 +79,10 @@ def test_verify_source_reads_a_hub_repo_at_the_artifacts_commit(
 
 
 def test_source_refusals(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="not a recipe alias"):
+    with pytest.raises(SourceError, match="absent: no such directory"):
         open_source(str(tmp_path / "absent"))
+    with pytest.raises(SourceError, match="not a recipe alias"):
+        open_source("no-such-alias")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text('{"hidden_act": "gelu"}')

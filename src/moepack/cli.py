@@ -35,8 +35,43 @@ def _setup(verbose: int) -> None:
     )
 
 
+_TRUTHY = ("1", "true", "yes", "on")
+PROGRESS_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
+"""Either set (1/true/yes/on) turns progress bars off, on a terminal too (tqdm reads its own
+variable only as a default, which an explicit `disable=False` overrides)."""
+
+
+def _meta() -> dict[str, Any]:
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta if ctx is not None else {}
+
+
+def _quiet() -> bool:
+    return bool(_meta().get("moepack.quiet"))
+
+
 def _show_progress(as_json: bool) -> bool:
-    return not as_json and sys.stderr.isatty()
+    """Progress bars on stderr only for a person watching: a terminal, no --json, --quiet or
+    --no-progress, and neither progress variable set."""
+    if as_json or _quiet() or _meta().get("moepack.no_progress"):
+        return False
+    if any(os.environ.get(var, "").strip().lower() in _TRUTHY for var in PROGRESS_ENV):
+        return False
+    return sys.stderr.isatty()
+
+
+def _say(text: str) -> None:
+    """Informational output (summaries, notes): silent under --quiet."""
+    if not _quiet():
+        click.echo(text)
+
+
+def _os_message(exc: OSError) -> str:
+    """`path: permission denied`, not `[Errno 13] Permission denied: 'path'`."""
+    reason = (exc.strerror or str(exc)).strip()
+    reason = reason[:1].lower() + reason[1:]
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -59,16 +94,37 @@ def _fail(error: dict[str, Any], code: int, as_json: bool) -> NoReturn:
 
 
 class _Command(click.Command):
-    """Every moepack command: the one place where errors become exit codes."""
+    """Every moepack command: the one place where errors become exit codes, and where the
+    options every command takes (--quiet, --no-progress) are added and applied."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(
+                ["-q", "--quiet"],
+                is_flag=True,
+                help="Print only results and errors: no progress bars, notes, log lines or "
+                "success summaries (a failed check still lists what failed).",
+            ),
+            click.Option(
+                ["--no-progress"],
+                is_flag=True,
+                help="No progress bars (also HF_HUB_DISABLE_PROGRESS_BARS=1 or TQDM_DISABLE=1).",
+            ),
+        ]
 
     def invoke(self, ctx: click.Context) -> Any:
         as_json = bool(ctx.params.get("as_json"))
+        ctx.meta["moepack.quiet"] = bool(ctx.params.pop("quiet", False))
+        ctx.meta["moepack.no_progress"] = bool(ctx.params.pop("no_progress", False))
+        if ctx.meta["moepack.quiet"]:
+            logging.getLogger("moepack").setLevel(logging.ERROR)
         try:
             return super().invoke(ctx)
         except MoepackError as exc:
             _fail(exc.to_dict(), exc.exit_code, as_json)
-        except OSError as exc:  # disk full, permission denied, ...: the input is unusable
-            error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+        except OSError as exc:  # permission denied, ...: the input is unusable
+            error: dict[str, Any] = {"type": type(exc).__name__, "message": _os_message(exc)}
             if exc.filename is not None:
                 error["path"] = str(exc.filename)
             _fail(error, EXIT_UNUSABLE, as_json)
@@ -149,26 +205,26 @@ def convert(
     if as_json:
         _emit({"ok": True, **summary})
         return
-    click.echo(
+    _say(
         f"converted {summary['moe_layers']} MoE layers -> {summary['artifact']} "
         f"({human_bytes(summary['bytes'])}, {summary['seconds']:.1f} s, "
         f"b12x {summary['b12x_scale_mode']}: max rel err {summary['b12x_max_rel_err']:.4f})"
     )
     if summary["kept_files"]:
         rewritten = summary["written_files"]
-        click.echo(
+        _say(
             f"kept {len(summary['kept_files'])} files of an earlier run "
             f"({summary['kept_layers']} MoE layer{'s' if summary['kept_layers'] != 1 else ''}) "
             "after checking their size and sha256"
             + (f"; rewrote {len(rewritten)}: {', '.join(rewritten)}" if rewritten else "")
         )
     if summary["b12x_scale_mode"] == "shared":
-        click.echo(
+        _say(
             "note: shared b12x scales follow FlashInfer 0.7.x's input_global_scale path, derived "
             "from its source and not yet run on SM12x hardware"
         )
     if summary["gate_up_requantized_experts"]:
-        click.echo(
+        _say(
             f"note: {summary['gate_up_requantized_experts']} experts had unequal gate/up "
             "weight_scale_2; the smaller half's block scales were requantized (see inspect)"
         )
@@ -201,12 +257,20 @@ def verify(
         extra = crosscheck(artifact, source, sample=sample)
     code = report.exit_code or (1 if extra else 0)
     if as_json:
-        _emit({**report.to_dict(), "source_mismatches": extra, "exit_code": code})
+        _emit({**report.to_dict(), "ok": code == 0, "source_mismatches": extra, "exit_code": code})
+        sys.exit(code)
+    if code == 0 and _quiet():
+        sys.exit(code)
+    if extra:  # the files hold, the source says otherwise: the headline must say FAILED
+        click.echo(
+            f"FAILED: {artifact}: {len(extra)} sampled layer(s) differ from {source} "
+            f"(the files themselves match the manifest: {report.stats()})"
+        )
+        for line in extra:
+            click.echo(f"  source: {line}")
     else:
         click.echo(report.format_text())
-        for line in extra:
-            click.echo(f"source: {line}")
-        if source and not extra and report.exit_code == 0:
+        if source and report.exit_code == 0:
             click.echo(f"source: sampled layers re-derived from {source} match")
     sys.exit(code)
 
@@ -264,6 +328,6 @@ def demo(workdir: Path | None, variant: str, b12x_scales: str, as_json: bool) ->
     )
     if as_json:
         _emit(result)
-    else:
+    elif not (result["ok"] and _quiet()):
         click.echo(result["text"])
     sys.exit(0 if result["ok"] else 1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -155,6 +156,29 @@ class Checkpoint:
             except HeaderError as exc:
                 raise CheckpointError(str(exc)) from None
         return self._headers[shard]
+
+    def where(self, name: str) -> Path | None:
+        """The shard file holding tensor `name` (None when the index does not list it)."""
+        shard = self.weight_map.get(name)
+        return None if shard is None else self.root / shard
+
+    @contextmanager
+    def naming_shards(self) -> Iterator[None]:
+        """Errors about a tensor (raised by code that sees only tensor names, e.g. the
+        transform) come out naming the shard file that holds it."""
+        try:
+            yield
+        except CheckpointError as exc:
+            shard = self.where(exc.tensor) if exc.tensor and exc.path is None else None
+            if shard is None:
+                raise
+            raise type(exc)(
+                f"{shard}: {exc.message}",
+                path=shard,
+                tensor=exc.tensor,
+                expected=exc.expected,
+                found=exc.found,
+            ) from None
 
     def locate(self, name: str) -> tuple[int, TensorEntry]:
         """An open file descriptor of the shard holding `name` and its header entry (absolute

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import torch
@@ -74,7 +74,7 @@ from .writer import (
 )
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
+    pass
 
 log = logging.getLogger("moepack.convert")
 
@@ -256,9 +256,25 @@ def _check_device(device: str) -> None:
         )
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tqdm[NoReturn]:
-    from tqdm import tqdm
+class _NoBar:
+    """Stands in for tqdm where it is not installed (a runtime-only install converting a local
+    checkpoint): no bar, same calls."""
 
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return _NoBar()
     return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
 
 
@@ -542,38 +558,39 @@ def convert_checkpoint(
         src.settle()  # a finished or interrupted job there is matched by the source hashes
     ckpt = origin.checkpoint()
     try:
-        fingerprint = {
-            "tool": moepack.__version__,
-            "format_version": fmt.FORMAT_VERSION,
-            "target": target,
-            "b12x_scales": b12x_scales,
-            "moe_only": moe_only,
-            "source": src.record["files"],
-        }
-        plan = _plan(ckpt, layers, b12x_scales, moe_only)
-        created = not out.exists()
-        try:
-            with OutputLock(out):
-                try:
-                    return _convert_locked(
-                        ckpt,
-                        src,
-                        layers,
-                        out,
-                        fingerprint,
-                        plan,
-                        overwrite,
-                        progress,
-                        device,
-                        t0,
-                        exact_fidelity,
-                    )
-                except BaseException:
-                    prune_empty(out, False, (fmt.MOE_DIR, fmt.MODEL_DIR, PARTIAL))
-                    raise
-        except BaseException:
-            prune_empty(out, created, ())  # out itself, once the lock file is gone
-            raise
+        with ckpt.naming_shards():
+            fingerprint = {
+                "tool": moepack.__version__,
+                "format_version": fmt.FORMAT_VERSION,
+                "target": target,
+                "b12x_scales": b12x_scales,
+                "moe_only": moe_only,
+                "source": src.record["files"],
+            }
+            plan = _plan(ckpt, layers, b12x_scales, moe_only)
+            created = not out.exists()
+            try:
+                with OutputLock(out):
+                    try:
+                        return _convert_locked(
+                            ckpt,
+                            src,
+                            layers,
+                            out,
+                            fingerprint,
+                            plan,
+                            overwrite,
+                            progress,
+                            device,
+                            t0,
+                            exact_fidelity,
+                        )
+                    except BaseException:
+                        prune_empty(out, False, (fmt.MOE_DIR, fmt.MODEL_DIR, PARTIAL))
+                        raise
+            except BaseException:
+                prune_empty(out, created, ())  # out itself, once the lock file is gone
+                raise
     finally:
         ckpt.close()
 

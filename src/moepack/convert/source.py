@@ -15,6 +15,7 @@ downstream (the MoE layer scan, the tensor reader, the manifest's source record,
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moepack.errors import SourceError
+from moepack.errors import SourceError, UsageError
 from moepack.format.header import Header, read_header
 from moepack.recipes import resolve_alias
 from moepack.runtime.verify import sha256_file
@@ -202,13 +203,42 @@ def open_source(
         return _hub(recipe["repo_id"], revision or recipe.get("revision"), progress, hub)
     if Path(spec).is_dir():
         return Source(Path(spec), progress=progress)
-    if spec.count("/") == 1 and not Path(spec).exists():
+    if looks_like_path(spec):
+        what = "is not a directory" if Path(spec).exists() else "no such directory"
+        raise SourceError(f"{spec}: {what} (a local checkpoint must be a directory)", path=spec)
+    if HUB_ID.fullmatch(spec):
         return _hub(spec, revision, progress, hub)
-    raise SourceError(f"{spec}: not a recipe alias, a local checkpoint directory, or a hub repo id")
+    raise SourceError(
+        f"{spec}: not a recipe alias (see `moepack recipes`), a local checkpoint directory, or a "
+        "hub repo id (owner/name)",
+        found=spec,
+    )
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+"""What the Hub accepts as `owner/name` (a path like `/x` or `a/b/c` is never sent there)."""
+
+
+def looks_like_path(spec: str) -> bool:
+    """Written as a path (absolute, ~, ./ ../, more than one slash, or existing on disk)."""
+    return (
+        spec.startswith(("/", "~", "./", "../", ".\\"))
+        or spec in (".", "..")
+        or spec.count("/") > 1
+        or (os.sep != "/" and os.sep in spec)
+        or Path(spec).exists()
+    )
 
 
 def _hub(repo_id: str, revision: str | None, progress: bool, hub: dict[str, Any]) -> Source:
-    from .hub import open_repo  # huggingface_hub is imported only when the Hub is used
+    try:
+        from .hub import open_repo  # huggingface_hub is imported only when the Hub is used
+    except ModuleNotFoundError as exc:
+        raise UsageError(
+            f"{repo_id}: converting from the Hub needs the convert extra ({exc.name} is not "
+            "installed): pip install 'moepack[convert]', or use a local checkpoint directory",
+            found=exc.name,
+        ) from None
 
     repo = open_repo(repo_id, revision, **hub)
     return Source(repo.snapshot_dir, repo, progress)

@@ -68,17 +68,20 @@ def geometry_of(ckpt: Checkpoint, moe: MoELayer) -> Geometry:
     if len(up.shape) != 2 or len(down.shape) != 2:
         raise CheckpointError(
             f"{moe.tensor(0, 'up', 'weight')}: expected 2-d expert weights, got "
-            f"{list(up.shape)} and {list(down.shape)}"
+            f"{list(up.shape)} and {list(down.shape)}",
+            tensor=moe.tensor(0, "up", "weight"),
         )
     n, hidden = up.shape[0], up.shape[1] * 2
     if tuple(down.shape) != (hidden, n // 2):
         raise CheckpointError(
             f"{moe.tensor(0, 'down', 'weight')}: shape {tuple(down.shape)} does not pair with "
-            f"up_proj {tuple(up.shape)} (expected [{hidden}, {n // 2}])"
+            f"up_proj {tuple(up.shape)} (expected [{hidden}, {n // 2}])",
+            tensor=moe.tensor(0, "down", "weight"),
         )
     if hidden % 16 or n % 16:
         raise CheckpointError(
-            f"{moe.prefix}: hidden {hidden} and intermediate {n} must be multiples of 16"
+            f"{moe.prefix}: hidden {hidden} and intermediate {n} must be multiples of 16",
+            tensor=moe.tensor(0, "up", "weight"),
         )
     return Geometry(moe.num_experts, hidden, n, layout.padded_intermediate(n), moe.gated)
 
@@ -93,7 +96,8 @@ def _read_scalars(ckpt: Checkpoint, names: list[str]) -> torch.Tensor:
         dtype = TORCH_DTYPES[entry.dtype]
         if math.prod(entry.shape) != 1 or not dtype.is_floating_point:
             raise CheckpointError(
-                f"{name}: expected one float scalar, got {dtype}{list(entry.shape)}"
+                f"{name}: expected one float scalar, got {dtype}{list(entry.shape)}",
+                tensor=name,
             )
         raw = os.pread(fd, entry.nbytes, entry.start)
         if len(raw) != entry.nbytes:
@@ -108,7 +112,9 @@ def _read_scalars(ckpt: Checkpoint, names: list[str]) -> torch.Tensor:
     bad = ~(torch.isfinite(out) & (out > 0))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise CheckpointError(f"{names[i]}: scale {float(out[i])} is not finite and positive")
+        raise CheckpointError(
+            f"{names[i]}: scale {float(out[i])} is not finite and positive", tensor=names[i]
+        )
     return out
 
 
@@ -127,9 +133,9 @@ def _read_full(fd: int, dst: memoryview | np.ndarray, offset: int) -> bool:
 def _check_block_scales(bits: np.ndarray, name: str) -> None:
     """E4M3 block scales must be NaN-free (0x7F/0xFF) and not negative (0x81..0xFF)."""
     if bool(((bits & 0x7F) == 0x7F).any()):
-        raise CheckpointError(f"{name}: block scales contain NaN")
+        raise CheckpointError(f"{name}: block scales contain NaN", tensor=name)
     if bool((bits > 0x80).any()):
-        raise CheckpointError(f"{name}: block scales are negative")
+        raise CheckpointError(f"{name}: block scales are negative", tensor=name)
 
 
 def _gather(
@@ -211,13 +217,15 @@ def _load_proj(
             if w.dtype != "U8" or tuple(w.shape) != (rows, k // 2):
                 raise CheckpointError(
                     f"{w_names[e][h]}: expected uint8 [{rows}, {k // 2}], got "
-                    f"{TORCH_DTYPES[w.dtype]}{list(w.shape)}"
+                    f"{TORCH_DTYPES[w.dtype]}{list(w.shape)}",
+                    tensor=w_names[e][h],
                 )
             s = ckpt.locate(s_names[e][h])[1]
             if s.dtype != "F8_E4M3" or tuple(s.shape) != (rows, k // 16):
                 raise CheckpointError(
                     f"{s_names[e][h]}: expected float8_e4m3fn [{rows}, {k // 16}], got "
-                    f"{TORCH_DTYPES[s.dtype]}{list(s.shape)}"
+                    f"{TORCH_DTYPES[s.dtype]}{list(s.shape)}",
+                    tensor=s_names[e][h],
                 )
     payload = torch.empty((e_count, rows_p * halves, k_p // 2), dtype=torch.uint8)
     sf = torch.empty((e_count, rows_p * halves, k_p // 16), dtype=torch.uint8)
@@ -234,7 +242,8 @@ def _load_proj(
             h = int((xs[e] != xs[e, 0]).nonzero()[0, 0])
             raise CheckpointError(
                 f"{moe.tensor(e, roles[h], 'input_scale')}: differs from "
-                f"{moe.tensor(e, roles[0], 'input_scale')} (gate and up share the FC1 input)"
+                f"{moe.tensor(e, roles[0], 'input_scale')} (gate and up share the FC1 input)",
+                tensor=moe.tensor(e, roles[h], "input_scale"),
             )
     _gather(ckpt, w_names, payload, rows, k // 2, rows_p, scales_check=False)
     sf = sf.view(torch.float8_e4m3fn)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moepack.format import PAD_PREFIX, FileRecord, LayerRecord, SourceInfo
+from moepack.format import PAD_PREFIX, FileRecord, LayerRecord, Manifest, SourceInfo
 from moepack.format.validate import read_manifest
+from moepack.sizes import human_bytes
 
 _ROLES = {
     "w13": "payload",
@@ -54,7 +55,7 @@ def describe(root: Path) -> dict[str, Any]:
         },
         "moe_layers": {"count": len(model.moe_layers), "layers": list(model.moe_layers)},
         "sizes": _sizes(m.files),
-        "fidelity": _fidelity(m.layers),
+        "fidelity": _fidelity(m.layers, _block_scales(m)),
         "kernel_abi": m.kernel_abi.to_json(),
     }
 
@@ -89,8 +90,18 @@ def _sizes(files: tuple[FileRecord, ...]) -> dict[str, Any]:
     }
 
 
-def _fidelity(layers: tuple[LayerRecord, ...]) -> dict[str, Any]:
-    """Worst and average b12x error over layers, plus each layer's own figures."""
+def _block_scales(m: Manifest) -> int:
+    """Block scales of one layer that carry a value (padding excluded): what the flushed count
+    is out of. FC1 has `rows x H/16`, FC2 `H x n/16`, per expert."""
+    model, geo = m.model, m.geometry
+    rows = geo.intermediate * (2 if geo.gated else 1)
+    per_expert = rows * geo.hidden // 16 + geo.hidden * geo.intermediate // 16
+    return model.num_experts * per_expert
+
+
+def _fidelity(layers: tuple[LayerRecord, ...], scales_per_layer: int) -> dict[str, Any]:
+    """Worst and average b12x error over layers, plus each layer's own figures; flushed b12x
+    scales come with the number of block scales they are out of."""
     per_layer = [
         {
             "layer": e.layer,
@@ -105,6 +116,7 @@ def _fidelity(layers: tuple[LayerRecord, ...]) -> dict[str, Any]:
         "b12x_max_rel_err": max(x["b12x_max_rel_err"] for x in per_layer),
         "b12x_mean_rel_err": sum(x["b12x_mean_rel_err"] for x in per_layer) / len(per_layer),
         "b12x_flushed_scales": sum(x.get("b12x_flushed_scales", 0) for x in per_layer),
+        "block_scales": scales_per_layer * len(per_layer),
         "requant_max_rel_err": max(x.get("requant_max_rel_err", 0.0) for x in per_layer),
         "gate_up_requantized_experts": sum(x["gate_up_requantized_experts"] for x in per_layer),
         "layers": per_layer,
@@ -112,7 +124,14 @@ def _fidelity(layers: tuple[LayerRecord, ...]) -> dict[str, Any]:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+    return human_bytes(n)
+
+
+def _flushed(fid: dict[str, Any]) -> str:
+    flushed, total = fid["b12x_flushed_scales"], fid.get("block_scales") or 0
+    if not total:
+        return f"{flushed}"
+    return f"{flushed:,} of {total:,} ({100 * flushed / total:.2f}%)"
 
 
 def format_description(d: dict[str, Any]) -> str:
@@ -137,7 +156,7 @@ def format_description(d: dict[str, Any]) -> str:
     if fid["layers"]:
         lines.append(
             f"fidelity:   b12x rel err max {fid['b12x_max_rel_err']:.3g}, mean {fid['b12x_mean_rel_err']:.3g}; "
-            f"flushed scales {fid['b12x_flushed_scales']}; gate/up requantized experts "
+            f"b12x scales flushed to zero {_flushed(fid)}; gate/up requantized experts "
             f"{fid['gate_up_requantized_experts']} (max rel err {fid['requant_max_rel_err']:.3g})"
         )
     return "\n".join(lines)

@@ -31,6 +31,7 @@ from moepack.format.validate import (
     schema_errors,
     unsafe_path,
 )
+from moepack.sizes import human_bytes
 
 CHUNK = 16 << 20
 """Read size for hashing: large reads keep syscall overhead negligible next to sha256."""
@@ -83,14 +84,19 @@ class VerifyReport:
             "problems": [asdict(p) for p in self.problems],
         }
 
+    def stats(self) -> str:
+        """What was checked, in how long (sizes for people: never `0.00 GB`)."""
+        if self.quick:
+            return f"{self.files_checked} files checked in {self.seconds:.1f} s, quick: sizes and headers only"
+        rate = self.bytes_hashed / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{self.files_checked} files, {human_bytes(self.bytes_hashed)} hashed in "
+            f"{self.seconds:.1f} s ({human_bytes(rate)}/s)"
+        )
+
     def format_text(self) -> str:
         lines = [f"  {p}" for p in self.problems]
-        rate = self.bytes_hashed / self.seconds / 1e9 if self.seconds > 0 else 0.0
-        stats = (
-            f"{self.files_checked} files checked in {self.seconds:.1f} s, quick: sizes and headers only"
-            if self.quick
-            else f"{self.files_checked} files, {self.bytes_hashed / 1e9:.2f} GB hashed in {self.seconds:.1f} s ({rate:.2f} GB/s)"
-        )
+        stats = self.stats()
         if self.unusable:
             head = f"UNUSABLE: {self.root} is not a usable moepack artifact"
         elif self.problems:
