@@ -341,7 +341,8 @@ def read_manifest(root: Path) -> Manifest:
 
 
 def _lines(problems: list[Problem]) -> str:
-    return f"{len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
+    count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+    return f"{count}:\n" + "\n".join(f"  {p}" for p in problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +501,7 @@ def validate_artifact(root: Path, manifest: Manifest | None = None) -> ValidArti
     problems += extra_files(root, {f.path for f in manifest.files})
     if problems:
         raise VerificationError(
-            f"{root}: the artifact's files do not match its manifest ({_lines(problems)})",
+            f"{root}: the artifact's files do not match its manifest: {_lines(problems)}",
             problems,
             path=root / (problems[0].file or ""),
         )
