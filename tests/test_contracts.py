@@ -227,3 +227,86 @@ def test_hybrid_dispatch_passes_prepared_views(by_mode, monkeypatch) -> None:
     )
     assert kw["activation_type"] == flashinfer.tllm_enums.ActivationType.Swiglu
     assert not moe._wrapper.calls[:-1]
+
+
+# -- run-time copies: the padding table against each release's own dispatch code -------------
+
+COPY_CASES = {
+    # name: (variant, intermediate n, pad tile); hidden 128, which FlashInfer 0.7.4's W4A4
+    # wrapper requires
+    "n304-t128": ("super", 304, 128),  # 384: 0.7.2.x copies (n % 256), 0.7.4 does not
+    "n304-t256": ("super", 304, 256),  # 512: nobody copies
+    "n80-t128": ("super", 80, 128),  # 128: one 128-slice, every release copies
+    "gated-n176-t128": ("gated", 176, 128),  # 256 rows a half
+}
+
+
+@pytest.fixture(scope="module")
+def copy_artifacts(tmp_path_factory) -> dict[str, Path]:
+    from moepack.convert import synthetic
+    from moepack.convert.pipeline import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("copy-artifacts")
+    out = {}
+    for name, (variant, n, tile) in COPY_CASES.items():
+        spec = synthetic.default_spec(variant, hidden=128, moe_hidden=128, intermediate=n)
+        ckpt = synthetic.write_checkpoint(root / f"ckpt-{name}", spec)
+        out[name] = root / name
+        convert_checkpoint(ckpt, out[name], pad_tile=tile, moe_only=True, b12x_scales="shared")
+    return out
+
+
+class _KernelRecorder:
+    """Stands in for the b12x kernel launches (`launch_sm120_static_moe`/`_dynamic_moe`):
+    everything FlashInfer prepares before a launch runs as released."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, **kw):
+        self.calls.append(kw)
+        return kw["scatter_output"]
+
+
+def _copied_bytes(weights: object, moe: HybridMoE) -> int:
+    """Bytes of FP4/scale storage in FlashInfer's prepared views that are not the artifact's."""
+    ours = moe.storage.untyped_storage().data_ptr()
+    seen: dict[int, int] = {}
+    for value in vars(weights).values():
+        if isinstance(value, torch.Tensor) and value.dtype != torch.float32:
+            storage = value.untyped_storage()
+            if storage.data_ptr() != ours:
+                seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", COPY_CASES)
+def test_b12x_runtime_copies(copy_artifacts, name, monkeypatch, no_capture_probe) -> None:
+    """The installed release's real wrapper and dispatch (kernels replaced by a recorder) copy
+    exactly what `moepack.format.flashinfer` says, byte for byte, and load warned iff so."""
+    import warnings
+
+    from moepack.format.flashinfer import release, runtime_copy_bytes
+    from moepack.runtime.flashinfer_env import RuntimeCopyWarning, installed_flashinfer
+
+    rel = release(installed_flashinfer() or "")
+    assert rel is not None, f"FlashInfer {installed_flashinfer()} is not in the table"
+    kernels = _KernelRecorder()
+    monkeypatch.setattr(moe_dispatch, "launch_sm120_static_moe", kernels)
+    monkeypatch.setattr(moe_dispatch, "launch_sm120_dynamic_moe", kernels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        art = load(copy_artifacts[name], device="cpu", capability=(12, 0))
+    warned = [w for w in caught if issubclass(w.category, RuntimeCopyWarning)]
+    moe = next(iter(art.moe_layers.values()))
+    g, k = moe.spec.geometry, moe.spec.top_k
+    x = torch.zeros(2, g.hidden, dtype=torch.bfloat16)
+    moe(x, torch.zeros(2, k, dtype=torch.int32), torch.ones(2, k))
+    (call,) = kernels.calls
+    expected = runtime_copy_bytes(g, rel)
+    assert _copied_bytes(call["weights"], moe) == expected
+    assert len(warned) == (1 if expected else 0)
+    assert call["n"] == rel.copied_intermediate(g.intermediate_padded) or (
+        # 0.7.4 launches at the true extent and gives only the static family the copy
+        not rel.copy_free(g.intermediate_padded) and call["n"] == g.intermediate_padded
+    )

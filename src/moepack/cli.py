@@ -24,6 +24,7 @@ import click
 
 from moepack.errors import EXIT_INTERRUPTED, EXIT_UNUSABLE, MoepackError
 from moepack.format.constants import B12X_MODES, TARGETS
+from moepack.format.flashinfer import DEFAULT_PAD_TILE, PAD_TILES
 from moepack.sizes import human_bytes
 
 log = logging.getLogger("moepack")
@@ -161,6 +162,16 @@ def main(verbose: int) -> None:
     "CUTLASS scales via input_global_scale; derived from FlashInfer 0.7.x source, not yet run "
     "on SM12x hardware.",
 )
+@click.option(
+    "--pad-tile",
+    type=click.Choice([str(t) for t in PAD_TILES]),
+    default=str(DEFAULT_PAD_TILE),
+    show_default=True,
+    help="Tile the intermediate size is padded to. 256: used as stored by FlashInfer 0.7.2, "
+    "0.7.2.post1 (what vLLM 0.33 and SGLang 0.5.23 pin) and 0.7.4. 128: smaller (Nemotron 3 "
+    "Super 2688 instead of 2816), but FlashInfer before 0.7.4 copies every weight of each "
+    "layer at run time.",
+)
 @click.option("--moe-only", is_flag=True, help="Write only the MoE layers (no pass-through files).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished artifact at --out.")
 @click.option(
@@ -181,6 +192,7 @@ def convert(
     out: Path,
     revision: str | None,
     b12x_scales: str,
+    pad_tile: str,
     moe_only: bool,
     overwrite: bool,
     device: str,
@@ -195,6 +207,7 @@ def convert(
         out,
         target=target,
         b12x_scales=b12x_scales,
+        pad_tile=int(pad_tile),
         moe_only=moe_only,
         revision=revision,
         overwrite=overwrite,

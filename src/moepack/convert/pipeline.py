@@ -45,6 +45,7 @@ from moepack.format import (
     ToolInfo,
 )
 from moepack.format import constants as fmt
+from moepack.format.flashinfer import DEFAULT_PAD_TILE, PAD_TILES, copy_free_releases
 from moepack.format.validate import manifest_errors
 from moepack.runtime.verify import sha256_file
 
@@ -186,6 +187,7 @@ def _job_of(manifest: dict[str, Any]) -> dict[str, Any]:
         "format_version": manifest.get("format_version"),
         "target": manifest.get("target"),
         "b12x_scales": manifest.get("b12x_scale_mode"),
+        "pad_tile": manifest.get("kernel_abi", {}).get("pad_tile"),
         "moe_only": all(f.get("kind") == "moe_layer" for f in manifest.get("files", [])),
         "source": manifest.get("source", {}).get("files"),
     }
@@ -334,6 +336,7 @@ def _layer_files(
     progress: bool,
     device: str,
     exact_fidelity: bool = False,
+    pad_tile: int = fmt.PAD_TILE,
 ) -> Iterator[tuple[MoELayer, dict[str, Any]]]:
     """Convert and write each layer, yielding its record (in layer order) once its file is in
     place and hashed.
@@ -357,7 +360,7 @@ def _layer_files(
                 rec = kept[moe.layer]
                 if rec is None:
                     t0 = time.perf_counter()
-                    geo = geometry_of(ckpt, moe)
+                    geo = geometry_of(ckpt, moe, pad_tile)
                     result = convert_layer(ckpt, moe, geo, mode, device, exact_fidelity)
                     if inflight:
                         inflight[-1].writing.result()  # its memory is freed once written
@@ -476,12 +479,14 @@ def _model_record(ckpt: Checkpoint, layers: list[MoELayer], geo: Geometry) -> Mo
     )
 
 
-def _plan(ckpt: Checkpoint, layers: list[MoELayer], mode: str, moe_only: bool) -> dict[str, int]:
+def _plan(
+    ckpt: Checkpoint, layers: list[MoELayer], mode: str, moe_only: bool, pad_tile: int
+) -> dict[str, int]:
     """Every file this job writes -> its size in bytes (exact for safetensors, from headers and
     geometry alone: nothing is read). The free-space check and the ownership check use it."""
     plan: dict[str, int] = {}
     for moe in layers:
-        geo = geometry_of(ckpt, moe)
+        geo = geometry_of(ckpt, moe, pad_tile)
         specs = [(n, d, s) for n, (d, s) in geo.tensor_specs(mode).items()]
         plan[fmt.layer_file(moe.layer)] = planned_safetensors_size(specs, _layer_meta(moe))
     if not moe_only:
@@ -522,6 +527,7 @@ def convert_checkpoint(
     *,
     target: str = "sm120",
     b12x_scales: str = "baked",
+    pad_tile: int = DEFAULT_PAD_TILE,
     moe_only: bool = False,
     revision: str | None = None,
     overwrite: bool = False,
@@ -534,6 +540,9 @@ def convert_checkpoint(
 
     `device` runs the per-layer arithmetic there (e.g. "cuda"); the bytes are the same.
     `exact_fidelity` measures the baked-scale error on every expert instead of a sample.
+    `pad_tile` (128 or 256) is the intermediate-size tile: 256, the default, is used as stored
+    by every FlashInfer release in range; 128 is smaller and copy-free only from FlashInfer 0.7.4
+    on (`moepack.format.flashinfer`). The manifest records the tile and those releases.
     Everything that can refuse the job (arguments, device, source, the output directory's
     owner and lock, free space) is checked before the artifact's first byte is written; a
     failure leaves no empty directory behind.
@@ -542,6 +551,8 @@ def convert_checkpoint(
         raise UsageError(f"target {target!r}: choose one of {', '.join(fmt.TARGETS)}")
     if b12x_scales not in fmt.B12X_MODES:
         raise UsageError(f"b12x scales {b12x_scales!r}: choose one of {', '.join(fmt.B12X_MODES)}")
+    if pad_tile not in PAD_TILES:
+        raise UsageError(f"pad tile {pad_tile!r}: choose one of {', '.join(map(str, PAD_TILES))}")
     _check_device(device)
     t0 = time.perf_counter()
     _limit_malloc_arenas()
@@ -564,10 +575,11 @@ def convert_checkpoint(
                 "format_version": fmt.FORMAT_VERSION,
                 "target": target,
                 "b12x_scales": b12x_scales,
+                "pad_tile": pad_tile,
                 "moe_only": moe_only,
                 "source": src.record["files"],
             }
-            plan = _plan(ckpt, layers, b12x_scales, moe_only)
+            plan = _plan(ckpt, layers, b12x_scales, moe_only, pad_tile)
             created = not out.exists()
             try:
                 with OutputLock(out):
@@ -658,7 +670,15 @@ def _convert_locked(
     geos: list[Geometry] = []
     try:
         for moe, rec in _layer_files(
-            ckpt, layers, out, b12x_scales, state, progress, device, exact_fidelity
+            ckpt,
+            layers,
+            out,
+            b12x_scales,
+            state,
+            progress,
+            device,
+            exact_fidelity,
+            fingerprint["pad_tile"],
         ):
             geos.append(Geometry(**rec["geometry"]))
             files.append(rec["file"])
@@ -692,7 +712,8 @@ def _convert_locked(
         b12x_scale_mode=b12x_scales,
         kernel_abi=KernelAbi(
             flashinfer=fmt.FLASHINFER_RANGE,
-            pad_tile=fmt.PAD_TILE,
+            pad_tile=fingerprint["pad_tile"],
+            flashinfer_copy_free=copy_free_releases(geos[0].intermediate_padded),
             sf_block=fmt.SF_BLOCK,
             sf_layout=fmt.SF_LAYOUT,
             w13_order=("up", "gate") if geos[0].gated else ("up",),

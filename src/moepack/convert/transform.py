@@ -60,9 +60,9 @@ class _Proj:
     input_scale: torch.Tensor  # float32 [E]
 
 
-def geometry_of(ckpt: Checkpoint, moe: MoELayer) -> Geometry:
+def geometry_of(ckpt: Checkpoint, moe: MoELayer, pad_tile: int = layout.PAD_TILE) -> Geometry:
     """Layer geometry from expert 0's headers (every expert is checked against it while
-    loading)."""
+    loading), the intermediate size padded to `pad_tile`."""
     up = ckpt.locate(moe.tensor(0, "up", "weight"))[1]
     down = ckpt.locate(moe.tensor(0, "down", "weight"))[1]
     if len(up.shape) != 2 or len(down.shape) != 2:
@@ -83,7 +83,7 @@ def geometry_of(ckpt: Checkpoint, moe: MoELayer) -> Geometry:
             f"{moe.prefix}: hidden {hidden} and intermediate {n} must be multiples of 16",
             tensor=moe.tensor(0, "up", "weight"),
         )
-    return Geometry(moe.num_experts, hidden, n, layout.padded_intermediate(n), moe.gated)
+    return Geometry(moe.num_experts, hidden, n, layout.padded_intermediate(n, pad_tile), moe.gated)
 
 
 def _read_scalars(ckpt: Checkpoint, names: list[str]) -> torch.Tensor:

@@ -23,8 +23,9 @@ SF_LAYOUT = "cutlass_128x4"
 ROW_TILE = 128
 COL_TILE = 4
 PAD_TILE = 256
-"""Intermediate-size tile: FlashInfer 0.7.2's b12x static path re-pads (copies every weight of a
-layer) unless `n % 256 == 0` (`_STATIC_RETAINED_GROUP_N` in `moe_dispatch.py`)."""
+"""Default intermediate-size tile (`kernel_abi.pad_tile`; `--pad-tile` offers 128 too): FlashInfer
+0.7.2.x's b12x static path copies every weight of a layer unless `n % 256 == 0`, which is what
+the engines pin today. The rule of each release is in `moepack.format.flashinfer`."""
 LEFTOVER_MARKERS = (".moepack-tmp", ".moepack-partial")
 """Names a conversion uses while it runs; their presence means it was interrupted."""
 

@@ -166,8 +166,13 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class KernelAbi:
+    """What the tensors were laid out for. `pad_tile` is the intermediate-size tile and
+    `flashinfer_copy_free` the FlashInfer releases it avoids every run-time copy on
+    (`moepack.format.flashinfer`)."""
+
     flashinfer: str
     pad_tile: int
+    flashinfer_copy_free: tuple[str, ...]
     sf_block: int
     sf_layout: str
     w13_order: tuple[str, ...]
@@ -177,19 +182,21 @@ class KernelAbi:
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> KernelAbi:
         return cls(
-            o["flashinfer"],
-            o["pad_tile"],
-            o["sf_block"],
-            o["sf_layout"],
-            tuple(o["w13_order"]),
-            o["alignment"],
-            o["prefill_min_tokens"],
+            flashinfer=o["flashinfer"],
+            pad_tile=o["pad_tile"],
+            flashinfer_copy_free=tuple(o["flashinfer_copy_free"]),
+            sf_block=o["sf_block"],
+            sf_layout=o["sf_layout"],
+            w13_order=tuple(o["w13_order"]),
+            alignment=o["alignment"],
+            prefill_min_tokens=o["prefill_min_tokens"],
         )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "flashinfer": self.flashinfer,
             "pad_tile": self.pad_tile,
+            "flashinfer_copy_free": list(self.flashinfer_copy_free),
             "sf_block": self.sf_block,
             "sf_layout": self.sf_layout,
             "w13_order": list(self.w13_order),

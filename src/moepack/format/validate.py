@@ -39,6 +39,7 @@ from .constants import (
     PAD_PREFIX,
     layer_file,
 )
+from .flashinfer import RELEASES
 from .header import Header, read_header
 from .manifest import FileRecord, Manifest
 from .specs import padded_intermediate
@@ -230,10 +231,30 @@ def _consistency_errors(m: dict[str, Any]) -> list[str]:
         if f["kind"] == "moe_layer" and f["path"] not in layer_files:
             errors.append(f"manifest.files[{i}]: moe_layer {f['path']!r} is not in manifest.layers")
     n, n_p = m["model"]["intermediate_size"], m["model"]["intermediate_size_padded"]
-    if n_p != padded_intermediate(n):
+    tile = m["kernel_abi"]["pad_tile"]
+    if n_p != padded_intermediate(n, tile):
         errors.append(
-            f"manifest.model.intermediate_size_padded: expected {padded_intermediate(n)} for n={n}, found {n_p}"
+            f"manifest.model.intermediate_size_padded: expected {padded_intermediate(n, tile)} "
+            f"for n={n} and kernel_abi.pad_tile={tile}, found {n_p}"
         )
+    errors += _copy_free_errors(n_p, m["kernel_abi"]["flashinfer_copy_free"])
+    return errors
+
+
+def _copy_free_errors(n_p: int, listed: list[str]) -> list[str]:
+    """The recorded copy-free releases must be what each checked release does with `n_p`;
+    a release this moepack has not checked (recorded by a newer one) is taken as stated."""
+    errors = []
+    for rel in RELEASES:
+        if rel.copy_free(n_p) != (rel.version in listed):
+            does = "uses it as stored" if rel.copy_free(n_p) else "copies the weights"
+            errors.append(
+                f"manifest.kernel_abi.flashinfer_copy_free: FlashInfer {rel.version} {does} "
+                f"at intermediate_size_padded={n_p}, but the manifest "
+                f"{'omits' if rel.copy_free(n_p) else 'lists'} it"
+            )
+    if len(set(listed)) != len(listed):
+        errors.append("manifest.kernel_abi.flashinfer_copy_free: a release is listed twice")
     return errors
 
 

@@ -58,6 +58,7 @@ from moepack.format.validate import read_manifest, validate_artifact
 from moepack.sizes import human_bytes
 
 from .dtypes import TORCH_DTYPES
+from .flashinfer_env import warn_runtime_copies
 from .hybrid import (
     Capability,
     HybridMoE,
@@ -150,6 +151,7 @@ def load(
     per_layer = _resolve_backends(backend, chosen, cap)
     check_model(manifest)
     check_flashinfer(manifest.b12x_scale_mode, set(per_layer.values()))
+    warn_runtime_copies(manifest, per_layer)
     valid = validate_artifact(root, manifest)  # what verify --quick refuses, load refuses
     if verify:
         _verify(root)
