@@ -26,11 +26,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +308,25 @@ def _single_file_converted(ctx: Ctx, res: Outcome) -> None:
     assert verifies_complete(ctx.path("out")), res.stdout
 
 
+def _single_file_from_hub(ctx: Ctx) -> Outcome:
+    """The same layout served by a (loopback) hub: the index is absent there too."""
+    from fake_hub import FakeHub
+
+    from moepack.convert.pipeline import convert_checkpoint
+
+    with FakeHub() as hub:
+        hub.add_repo("acme/tiny-single", ctx.single)
+        return library(
+            lambda: convert_checkpoint(
+                "acme/tiny-single",
+                ctx.path("out"),
+                endpoint=hub.endpoint,
+                cache_dir=ctx.path("hf"),
+                token=False,
+            )
+        )
+
+
 def _misshapen_expert(ctx: Ctx) -> Outcome:
     """Expert 5 of layer 1 (the first MoE layer) has a down_proj weight of the wrong shape (the layer spans shards)."""
     from safetensors.torch import load_file, save_file
@@ -574,6 +595,14 @@ ROWS: list[Row] = [
     Row(
         "single-file checkpoint (model.safetensors, no index)",
         _single_file_checkpoint,
+        0,
+        (),
+        leaves=lambda ctx: [],
+        after=_single_file_converted,
+    ),
+    Row(
+        "single-file checkpoint from the hub",
+        _single_file_from_hub,
         0,
         (),
         leaves=lambda ctx: [],
@@ -879,3 +908,92 @@ def test_progress_bars_on_a_terminal(built: Path, how: dict[str, Any]) -> None:
         assert "sha256" not in seen, seen
     else:
         assert "sha256" in seen, seen  # the bar this row turns off is there by default
+
+
+SLOW_SECOND_LAYER = """
+import pathlib, sys, time
+from moepack.convert import pipeline
+from moepack.cli import main
+
+ready, calls, real = pathlib.Path(sys.argv[1]), [], pipeline.convert_layer
+
+def convert_layer(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # layer 1 is converted and being written: a user presses Ctrl-C now
+        ready.write_text("converting layer 3")
+        time.sleep(120)
+    return real(*args, **kwargs)
+
+pipeline.convert_layer = convert_layer
+main(sys.argv[2:], prog_name="moepack")
+"""
+
+
+def test_real_ctrl_c_exits_130_and_keeps_finished_layers(ctx: Ctx) -> None:
+    """A real SIGINT (what Ctrl-C sends) while layer 3 is converted and layer 1 written."""
+    script, ready, out = ctx.path("child.py"), ctx.path("ready"), ctx.path("out")
+    script.write_text(SLOW_SECOND_LAYER)
+    args = ["convert", str(ctx.ckpt), "--target", "sm120", "-o", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(ready), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the child never reached layer 3"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "Aborted" not in stderr, stderr
+    assert "interrupted: kept 1 of 2 finished MoE layers (1)" in stderr, stderr
+    assert not verifies_complete(out)
+    assert not (out / LOCK).exists() and not list(out.rglob("*.moepack-tmp"))
+    res = cli(*args[:-2], "-o", out, "--json")  # the rerun resumes: layer 1 kept, checked
+    summary = json.loads(res.stdout)
+    assert res.code == 0 and summary["kept_layers"] == 1 and verifies_complete(out)
+
+
+def test_two_real_conversions_into_one_directory(ctx: Ctx) -> None:
+    """Two conversions at once (threads of one process: flock locks conflict between open
+    files, as between processes). The second is refused naming the holder; the first
+    finishes and verifies."""
+    from moepack.convert import pipeline
+
+    out = ctx.path("out")
+    converting, release = threading.Event(), threading.Event()
+    real = pipeline.convert_layer
+
+    def convert_layer(*args: Any, **kwargs: Any) -> Any:
+        converting.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    ctx.monkeypatch.setattr(pipeline, "convert_layer", convert_layer)
+    first: dict[str, Any] = {}
+
+    def run_first() -> None:
+        try:
+            first["summary"] = pipeline.convert_checkpoint(ctx.ckpt, out)
+        except BaseException as exc:  # reported by the assertion below
+            first["error"] = exc
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    try:
+        assert converting.wait(60)
+        second = cli("convert", ctx.ckpt, "--target", "sm120", "-o", out)
+    finally:
+        release.set()
+        thread.join(120)
+    assert second.code == 2 and "Traceback" not in second.stderr, second
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in second.stderr, second.stderr
+    assert "error" not in first, first
+    assert first["summary"]["moe_layers"] == 2 and verifies_complete(out)

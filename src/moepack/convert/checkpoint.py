@@ -213,12 +213,6 @@ class Checkpoint:
             f"{shard}: tensor {name!r}: file ends early", path=shard, tensor=name
         )
 
-    def meta(self, name: str) -> torch.Tensor:
-        """A tensor's dtype and shape from its shard header, no data (a `meta` tensor): planning
-        sizes and geometry before anything is read."""
-        entry = self.locate(name)[1]
-        return torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype], device="meta")
-
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with a positioned read (no mmap: a converted layer's source pages are
         not kept mapped, so resident memory stays about one layer); errors name shard and tensor."""

@@ -161,9 +161,14 @@ def _k_multiple(v: Any, base: int, _s: dict[str, Any], where: str) -> Iterator[s
         yield f"{where}: expected a multiple of {base}, found {v}"
 
 
-def _k_pattern(v: Any, pattern: str, _s: dict[str, Any], where: str) -> Iterator[str]:
+def _k_pattern(v: Any, pattern: str, s: dict[str, Any], where: str) -> Iterator[str]:
+    """A node's `description` says in words what its pattern means (a user should not have to
+    read the regular expression)."""
     if isinstance(v, str) and not re.search(pattern, v):
-        yield f"{where}: {_short(v)} does not match {pattern!r}"
+        if isinstance(s.get("description"), str):
+            yield f"{where}: {_short(v)} is not allowed here: {s['description']}"
+        else:
+            yield f"{where}: {_short(v)} does not match {pattern!r}"
 
 
 def _k_min_length(v: Any, n: int, _s: dict[str, Any], where: str) -> Iterator[str]:
