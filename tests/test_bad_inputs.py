@@ -462,6 +462,32 @@ def _escaping_symlink(ctx: Ctx) -> Outcome:
     return cli("inspect", art)
 
 
+def _different_artifact(*extra: str) -> Callable[[Ctx], Outcome]:
+    """A finished full artifact at -o, then a --moe-only conversion (another job) into it."""
+
+    def act(ctx: Ctx) -> Outcome:
+        out = ctx.artifact("out")
+        return cli("convert", ctx.ckpt, "--target", "sm120", "-o", out, "--moe-only", *extra)
+
+    return act
+
+
+def _old_artifact_intact(ctx: Ctx, _: Outcome) -> None:
+    assert verifies_complete(ctx.path("out"))  # refused: the old artifact is untouched
+    assert (ctx.path("out") / "model").is_dir()
+
+
+def _replaced_by_moe_only(ctx: Ctx, _: Outcome) -> None:
+    out = ctx.path("out")
+    assert verifies_complete(out)
+    assert not (out / "model").exists()  # what the old job wrote and this one does not: gone
+
+
+def _out_is_a_file(ctx: Ctx) -> Outcome:
+    (ctx.tmp / "plain").write_text("a file\n")
+    return cli("convert", ctx.ckpt, "--target", "sm120", "-o", ctx.tmp / "plain")
+
+
 ROWS: list[Row] = [
     Row(
         "convert into a non-empty directory that is not moepack's",
@@ -484,6 +510,29 @@ ROWS: list[Row] = [
         (r"notes\.txt", r"moepack did not write"),
         leaves=lambda ctx: [],
         after=_artifact_kept_with_notes,
+    ),
+    Row(
+        "convert into a finished artifact of another job, without --overwrite",
+        _different_artifact(),
+        2,
+        (r"already holds a different artifact", r"--overwrite"),
+        leaves=lambda ctx: [],
+        after=_old_artifact_intact,
+    ),
+    Row(
+        "--overwrite replaces an artifact of another job with only what this job writes",
+        _different_artifact("--overwrite"),
+        0,
+        (),
+        leaves=lambda ctx: [],
+        after=_replaced_by_moe_only,
+    ),
+    Row(
+        "-o is an existing file",
+        _out_is_a_file,
+        2,
+        (r"plain: exists and is not a directory",),
+        leaves=lambda ctx: [],
     ),
     Row(
         "-o equal to the source directory",

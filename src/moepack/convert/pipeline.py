@@ -656,6 +656,7 @@ def _convert_locked(
     # What moepack wrote earlier and this job does not write again goes (--overwrite, or a
     # different job); what it does write is replaced in place, atomically.
     _remove_files(out, (_listed(existing) | state.recorded) - set(plan) - {fmt.MANIFEST})
+    prune_empty(out, False, (fmt.MOE_DIR, fmt.MODEL_DIR))  # e.g. model/ of a full artifact
     if set(state.done) - set(plan):
         state.done = {k: v for k, v in state.done.items() if k in plan}
     if not state.done:
