@@ -32,7 +32,7 @@ def _env(hub: FakeHub, home: Path) -> dict[str, str]:
     }
 
 
-def test_cli_alias_through_hub_matches_local_conversion(checkpoints, tmp_path):
+def test_cli_alias_through_hub_matches_local_conversion(checkpoints, by_mode, tmp_path):
     with FakeHub() as hub:
         commit = hub.add_repo(SUPER_REPO, checkpoints["super"])
         out = tmp_path / "art"
@@ -64,8 +64,7 @@ def test_cli_alias_through_hub_matches_local_conversion(checkpoints, tmp_path):
     assert m["source"]["type"] == "hub" and m["source"]["revision"] == "main"
     assert {f["path"] for f in m["source"]["files"]} >= {"config.json", "hf_quant_config.json"}
     assert verify_artifact(out).exit_code == 0
-    local = tmp_path / "local"
-    convert_checkpoint(checkpoints["super"], local)
+    local = by_mode[("super", "baked")]  # the same checkpoint converted from disk
     for rec in m["files"]:
         assert (out / rec["path"]).read_bytes() == (local / rec["path"]).read_bytes(), rec["path"]
 
