@@ -1,10 +1,11 @@
 """docs/FORMAT.md and the manifest schema agree with the code: the tensor table (parsed from the
-document) equals `Geometry.tensor_specs`, the E2M1 code table equals the codec's, and every
-schema property carries a description."""
+document) equals `Geometry.tensor_specs`, the E2M1 code table equals the codec's, the byte map
+is the golden layer file's, and every schema property carries a description."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import math
 import re
@@ -134,3 +135,20 @@ def test_every_schema_property_is_described() -> None:
     assert len(nodes) > 60  # the walk reaches the nested records
     missing = [p for p, n in nodes if not str(n.get("description", "")).strip()]
     assert not missing, f'add a "description" to these schema properties: {missing}'
+
+
+def test_byte_map_is_the_golden_layer_file() -> None:
+    """Section 3's picture is the golden layer file's real layout (offsets, names, dtypes,
+    shapes), so it cannot drift from what the writer emits."""
+    golden = Path(__file__).resolve().parent / "data" / "golden"
+    spec = importlib.util.spec_from_file_location("make_golden", golden / "make_golden.py")
+    assert spec and spec.loader
+    make_golden = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_golden)
+    text = FORMAT_MD.read_text(encoding="utf-8")
+    block = re.search(r"<!-- byte-map:begin -->\n```\n(.*?)```\n<!-- byte-map:end -->", text, re.S)
+    assert block, "FORMAT.md lost its byte-map markers"
+    want = make_golden.byte_map(make_golden.byte_map_file())
+    assert block.group(1).rstrip("\n") == want, (
+        "paste the output of `python tests/data/golden/make_golden.py --byte-map` into FORMAT.md"
+    )

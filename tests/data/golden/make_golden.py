@@ -1,6 +1,7 @@
 """Regenerate the golden artifacts under tests/data/golden/ (docs/FORMAT.md, section 9).
 
-    python tests/data/golden/make_golden.py
+    python tests/data/golden/make_golden.py              # regenerate (prints the new byte map)
+    python tests/data/golden/make_golden.py --byte-map   # only print FORMAT.md's byte map
 
 For each case it writes `CASE/source/`, a tiny synthetic ModelOpt NVFP4 checkpoint (single-file
 layout), and `CASE/artifact/`, today's conversion of it. `tests/test_golden.py` checks that the
@@ -12,7 +13,9 @@ both together with the FORMAT.md change.
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,13 +70,52 @@ def convert(case: str, out: Path) -> Path:
     return out
 
 
+BYTE_MAP_CASE = "relu2-baked"
+"""The case whose first layer file docs/FORMAT.md draws (section 3)."""
+
+
+def byte_map(path: Path) -> str:
+    """The byte map of a layer file as FORMAT.md section 3 prints it: every header entry at its
+    absolute file offset, 4 KiB boundaries drawn as rules."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack_from("<Q", raw)
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    width = 66
+    rule = "├" + "─" * width + "┤"
+    lines = [
+        "offset  ┌" + "─" * width + "┐",
+        f"{0:>6}  │ {'header length: u64 little-endian = ' + str(n):<{width - 1}}│",
+        f"{8:>6}  │ {f'JSON header: {len(raw[8 : 8 + n].rstrip()):,} bytes, then spaces up to byte {8 + n}':<{width - 1}}│",
+    ]
+    for name, t in header.items():
+        begin, end = (8 + n + o for o in t["data_offsets"])
+        if begin % 4096 == 0:
+            lines.append(f"{'':>6}  {rule} {begin // 4096} x 4 KiB")
+        shape = "[" + ", ".join(map(str, t["shape"])) + "]"
+        size = "zeros" if name.startswith("__pad__.") else f"{end - begin:,} B"
+        row = f"{name:<23} {t['dtype']:<8} {shape:<14} {size:>10}"
+        lines.append(f"{begin:>6}  │ {row:<{width - 1}}│")
+    lines.append(f"{len(raw):>6}  └" + "─" * width + "┘ end of file")
+    return "\n".join(lines)
+
+
+def byte_map_file() -> Path:
+    return artifact_dir(BYTE_MAP_CASE) / "moe" / "layer-00000.safetensors"
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--byte-map"]:
+        print(byte_map(byte_map_file()))
+        return 0
     for case in CASES:
         shutil.rmtree(HERE / case, ignore_errors=True)
         write_source(case)
         convert(case, artifact_dir(case))
         size = sum(p.stat().st_size for p in (HERE / case).rglob("*") if p.is_file())
         print(f"{case}: {size} bytes")
+    print(f"byte map of {byte_map_file().relative_to(HERE)} (FORMAT.md section 3):")
+    print(byte_map(byte_map_file()))
     return 0
 
 
