@@ -45,9 +45,10 @@ def test_entry_point_declared() -> None:
 def test_untested_vllm_refused_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(versions.ALLOW_ENV, raising=False)
     assert versions.check_version("0.32.0+cpu") == "0.32.0+cpu"
+    assert versions.check_version("0.33.0") == "0.33.0"
     with pytest.raises(versions.UnsupportedVLLM, match=r"vLLM 0\.31\.2.*tested: 0\.32\.x"):
         versions.check_version("0.31.2")
     with pytest.raises(versions.UnsupportedVLLM, match=versions.ALLOW_ENV):
-        versions.check_version("0.33.0")
+        versions.check_version("0.34.0")
     monkeypatch.setenv(versions.ALLOW_ENV, "1")
-    assert versions.check_version("0.33.0") == "0.33.0"
+    assert versions.check_version("0.34.0") == "0.34.0"

