@@ -276,6 +276,19 @@ def _little_free_space(ctx: Ctx) -> Outcome:
     return cli("convert", ctx.ckpt, "--target", "sm120", "-o", ctx.path("out"))
 
 
+def _disk_already_full(ctx: Ctx) -> Outcome:
+    """Disk full, simulated: 0 bytes free and every write of the lock's holder record fails
+    with ENOSPC (os.pwrite patched for the call: in moepack only the lock record uses it)."""
+    import moepack.convert.outdir as outdir
+
+    def pwrite(*_args: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    ctx.monkeypatch.setattr(outdir, "free_bytes", lambda _path: 0)
+    ctx.monkeypatch.setattr(outdir.os, "pwrite", pwrite)
+    return cli("convert", ctx.ckpt, "--target", "sm120", "-o", ctx.path("out"))
+
+
 def _enospc_in_second_layer(ctx: Ctx) -> Outcome:
     """Disk full, simulated: the writer's sink raises ENOSPC once layer 3's file is 64 KiB in
     (the free-space pre-check passes: the disk filled up after it)."""
@@ -628,6 +641,13 @@ ROWS: list[Row] = [
         _little_free_space,
         2,
         (r"not enough free space", r"writes \d+(\.\d+)? KiB more", r"1\.00 MiB free"),
+        after=_no_out_dir,
+    ),
+    Row(
+        "disk already full: not even the lock's holder record fits (simulated)",
+        _disk_already_full,
+        2,
+        (r"not enough free space", r"0 B free"),
         after=_no_out_dir,
     ),
     Row(

@@ -154,6 +154,8 @@ class OutputLock:
 
 
 def _write_holder(fd: int) -> None:
+    """Record who holds the lock. Best effort: on a full disk even these bytes may not fit, and
+    the free-space check that follows must still be the one to say so."""
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -161,8 +163,9 @@ def _write_holder(fd: int) -> None:
         "command": " ".join(sys.argv),
     }
     data = (json.dumps(info) + "\n").encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
 
 
 def _read_holder(fd: int) -> str:

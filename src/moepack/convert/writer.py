@@ -117,9 +117,9 @@ def atomic_open(final: Path, size: int | None = None) -> Iterator[BinaryIO]:
     A full disk (ENOSPC, EDQUOT) becomes a `DiskSpaceError` naming `final` and its `size`
     (when the caller knows it) instead of bare errno text; the temporary file is removed.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             yield f
             f.flush()
