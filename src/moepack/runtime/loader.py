@@ -38,6 +38,8 @@ ahead of the reads) so that a cold load keeps the disk's queue full while the th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import inspect
 import logging
 import os
@@ -57,6 +59,7 @@ from moepack.format.header import Header, TensorEntry
 from moepack.format.validate import read_manifest, validate_artifact
 from moepack.sizes import human_bytes
 
+from . import hostmem
 from .dtypes import TORCH_DTYPES
 from .flashinfer_env import warn_runtime_copies
 from .hybrid import (
@@ -79,6 +82,17 @@ READ_THREADS = min(16, os.cpu_count() or 1)
 16-core H100 host, 16 threads 33.5 GB/s (8: 26.2, 4: 17.6; benchmarks/load.py); pinned H2D
 runs ~45-55 GB/s."""
 
+HOST_PATHS = ("staged", "registered")
+HOST_PATH = "staged"
+"""How a discrete GPU gets page-cache bytes: `staged` reads them into pinned buffers first;
+`registered` maps the file and page-locks the mapped page-cache pages (cudaHostRegister) so
+the DMA reads them in place, one host copy fewer (`benchmarks/load.py` times both)."""
+
+DIRECT_BELOW = 0.5
+"""With `direct_io=None` (the default) a layer file less than this share of which is in the page
+cache is read with O_DIRECT (where the filesystem allows it): a cold read straight from the disk
+into pinned buffers beats the page cache's readahead, and a warm one stays in memory."""
+
 READAHEAD_BYTES = 256 << 20
 """How far ahead of the reads buffered loads ask the kernel to read (POSIX_FADV_WILLNEED);
 0 turns it off."""
@@ -96,6 +110,8 @@ class Artifact:
     device: torch.device
     moe_layers: dict[int, HybridMoE] = field(default_factory=dict)
     load_seconds: float = 0.0
+    read_paths: list[str] = field(default_factory=list)
+    """How each layer file reached the device (direct, buffered, registered; empty on CPU)."""
 
     @property
     def nbytes(self) -> int:
@@ -118,11 +134,12 @@ def load(
     threshold: int = 64,
     *,
     max_decode_tokens: int | None = None,
-    direct_io: bool = False,
+    direct_io: bool | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     read_threads: int | None = None,
     staging_buffers: int | None = None,
     readahead_bytes: int = READAHEAD_BYTES,
+    host_path: str = HOST_PATH,
     capability: Capability | str = "detect",
 ) -> Artifact:
     """Load the MoE layers of the artifact at `root` onto `device` (default: cuda if present).
@@ -133,7 +150,12 @@ def load(
     byte against the manifest first (`moepack verify`). `read_threads` (default
     `READ_THREADS`), `staging_buffers` (pinned buffers on a discrete GPU, default
     `read_threads + 2`), `chunk_bytes` and `readahead_bytes` tune the reads; none changes a byte.
+    `direct_io`: True/False forces O_DIRECT or buffered reads on a discrete GPU; None (default)
+    picks O_DIRECT for a layer file mostly absent from the page cache (`DIRECT_BELOW`).
+    `host_path` ('staged' or 'registered', see `HOST_PATH`) is how cached bytes reach the GPU.
     """
+    if host_path not in HOST_PATHS:
+        raise ValueError(f"host_path {host_path!r}: choose one of {', '.join(HOST_PATHS)}")
     start = time.perf_counter()
     root = Path(root)
     manifest = read_manifest(root)
@@ -164,6 +186,7 @@ def load(
         threads=read_threads,
         buffers=staging_buffers,
         readahead=readahead_bytes,
+        host_path=host_path,
     )
     with reader:
         for layer in chosen:
@@ -176,6 +199,7 @@ def load(
                 threshold=threshold,
                 max_decode_tokens=max_decode_tokens,
             )
+    art.read_paths = list(reader.paths)
     art.load_seconds = time.perf_counter() - start
     _log_load(art, cap, threshold)
     return art
@@ -378,15 +402,19 @@ class _Reader:
     def __init__(
         self,
         device: torch.device,
-        direct_io: bool,
+        direct_io: bool | None,
         chunk_bytes: int = CHUNK_BYTES,
         *,
         threads: int | None = None,
         buffers: int | None = None,
         readahead: int = READAHEAD_BYTES,
+        host_path: str = HOST_PATH,
     ) -> None:
         self.device = device
         self.direct_io = direct_io
+        self.host_path = host_path
+        self.paths: list[str] = []
+        """How each layer was read ('direct', 'buffered', 'registered'): benchmarks report it."""
         self.chunk = max(4096, chunk_bytes // 4096 * 4096)
         self.threads = max(1, READ_THREADS if threads is None else int(threads))
         self.readahead = max(0, readahead)
@@ -416,7 +444,7 @@ class _Reader:
     def read_layer(self, header: Header) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         nbytes = _data_size(header)
         if self.staged:
-            storage = self._read_staged(header.path, header.data_start, nbytes)
+            storage = self._read_discrete(header.path, header.data_start, nbytes)
         elif self.integrated:
             storage = self._read_mapped(header.path, header.data_start, nbytes)
         else:
@@ -480,16 +508,93 @@ class _Reader:
         self.read_into(path, offset, _bytes_of(host))
         return torch.as_tensor(_DeviceAlias(host), device=self.device)
 
-    # -- discrete GPU: ring of pinned buffers -------------------------------------------------
+    # -- discrete GPU -------------------------------------------------------------------------
 
-    def _read_staged(self, path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    def _read_discrete(self, path: Path, offset: int, nbytes: int) -> torch.Tensor:
+        """O_DIRECT for a file mostly not cached (when `direct_io` is None), else the cached
+        pages: registered in place or staged through the pinned ring."""
+        direct = self.direct_io
+        if direct is None:
+            direct = bool(getattr(os, "O_DIRECT", 0)) and (
+                hostmem.resident_fraction(path, offset, nbytes) < DIRECT_BELOW
+            )
+        if direct:
+            try:
+                storage = self._read_staged(path, offset, nbytes, True)
+                self.paths.append("direct")
+                return storage
+            except _NoDirect:
+                if self.direct_io:
+                    raise
+        if self.host_path == "registered":
+            registered = self._read_registered(path, offset, nbytes)
+            if registered is not None:
+                self.paths.append("registered")
+                return registered
+        self.paths.append("buffered")
+        return self._read_staged(path, offset, nbytes, False)
+
+    def _read_registered(self, path: Path, offset: int, nbytes: int) -> torch.Tensor | None:
+        """Map the file, page-lock its pages window by window on the reader threads (the first
+        registrations run ahead) and copy each window to the device as it is locked. Every
+        window is unlocked and the file unmapped once the copies are done. None if the driver
+        refuses a registration (nothing was copied from that window on)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            mapping = hostmem.Mapping(fd, os.fstat(fd).st_size)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        storage = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        storage.record_stream(self.stream)
+        lo = offset // hostmem.PAGE * hostmem.PAGE
+        end = offset + nbytes
+        windows = [(pos, min(self.chunk, end - pos)) for pos in range(lo, end, self.chunk)]
+        submitted: list[tuple[int, Future[bool]]] = []
+        refused = False
+        try:
+            for pos, n in windows[: self.threads]:
+                submitted.append((mapping.addr + pos, self._lock(mapping, pos, n)))
+            for i, (pos, n) in enumerate(windows):
+                if not submitted[i][1].result():
+                    refused = True
+                    break
+                first = max(pos, offset)
+                src = torch.from_numpy(mapping.array(first, pos + n - first))
+                with torch.cuda.stream(self.stream):
+                    storage[first - offset : pos + n - offset].copy_(src, non_blocking=True)
+                if len(submitted) < len(windows):
+                    nxt = windows[len(submitted)]
+                    submitted.append((mapping.addr + nxt[0], self._lock(mapping, *nxt)))
+        finally:
+            self.stream.synchronize()  # the copies read the pages: done before unlocking
+            for addr, fut in submitted:
+                with contextlib.suppress(BaseException):
+                    if fut.result():
+                        hostmem.cuda_unregister(addr)
+            mapping.close()
+        return None if refused else storage
+
+    def _lock(self, mapping: hostmem.Mapping, pos: int, n: int) -> Future[bool]:
+        return self.pool.submit(hostmem.cuda_register, mapping.addr + pos, n)
+
+    # -- ring of pinned buffers -----------------------------------------------------------------
+
+    def _read_staged(self, path: Path, offset: int, nbytes: int, direct: bool) -> torch.Tensor:
         """Chunk i goes to buffer i % len(buffers). Reads run ahead on the threads (each waits
         for its buffer's previous copy); copies are issued in file order as reads complete."""
         storage = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         storage.record_stream(self.stream)
-        direct = self.direct_io and all(b.data_ptr() % 4096 == 0 for b in self.buffers)
-        fd = self._open(path, direct)
+        direct = direct and all(b.data_ptr() % 4096 == 0 for b in self.buffers)
+        try:
+            fd = self._open(path, direct)
+        except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:  # the filesystem refuses O_DIRECT
+                raise _NoDirect(str(exc)) from None
+            raise
         count = len(self.buffers)
         chunks = [(pos, min(self.chunk, nbytes - pos)) for pos in range(0, nbytes, self.chunk)]
         pending: deque[Future[None]] = deque()
@@ -537,6 +642,10 @@ class _Reader:
             if got == 0:
                 raise OSError(f"unexpected end of file at offset {offset + done}")
             done += got
+
+
+class _NoDirect(OSError):
+    """O_DIRECT is not supported for this file (e.g. tmpfs)."""
 
 
 class _DeviceAlias:

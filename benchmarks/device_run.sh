@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU-host benchmark in one call (the lent machine is billed by the minute): machine facts,
+# load, convert, verify; tables and JSON under $OUT. Run from the repository root:
+#     OUT=/some/dir bash benchmarks/device_run.sh [load] [convert] [verify]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/moepack-bench-out}
+mkdir -p "$OUT"
+what=${*:-load convert verify}
+root=$(pwd)
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
+  || export PYTHONPATH="$root/src"
+W=${WORK:-/tmp/moepack-bench}
+mkdir -p "$W"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  nproc
+  grep -m1 "model name" /proc/cpuinfo
+  free -g | head -2
+  df -h "$W" | tail -1
+  python3 -c "import torch, numpy, safetensors; print('torch', torch.__version__, 'numpy', numpy.__version__, 'safetensors', safetensors.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+cd "$root/benchmarks"
+for w in $what; do
+  t0=$(date +%s)
+  case $w in
+    load)
+      python3 load.py --threads 8 16 --workdir "$W" --out "$OUT/load.json" 2>&1 | tee "$OUT/load.md" ;;
+    convert)
+      python3 convert.py --workdir "$W" --layers "${LAYERS:-4}" --out "$OUT/convert.json" 2>&1 \
+        | tee "$OUT/convert.md"
+      rm -rf "$W/artifact" ;;
+    verify)
+      python3 verify.py --gb "${VERIFY_GB:-8}" --jobs "$(nproc)" --dir "$W/verify" 2>&1 \
+        | tee "$OUT/verify.md"
+      rm -rf "$W/verify" ;;
+    hub)
+      python3 hub_overlap.py --workdir "$W" --out "$OUT/hub.json" 2>&1 | tee "$OUT/hub.md" ;;
+  esac
+  echo "[$w took $(( $(date +%s) - t0 )) s]" | tee -a "$OUT/machine.txt"
+done
