@@ -27,12 +27,16 @@ from cache import drop_cache
 
 CHUNK = 16 << 20
 CHILD = """
-import json, sys, time
+import json, logging, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)6.0f ms %(message)s")
 from moepack.convert.pipeline import convert_checkpoint
 t0 = time.perf_counter()
 s = convert_checkpoint(sys.argv[1], sys.argv[2], moe_only=True, overwrite=True,
                        b12x_scales=sys.argv[3], device=sys.argv[4])
-print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": s["bytes"]}))
+took = time.perf_counter() - t0
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+peak = int(hwm[0].split()[1]) * 1024 if hwm else 0
+print(json.dumps({"seconds": took, "bytes": s["bytes"], "peak_rss": peak}))
 """
 
 
@@ -81,7 +85,10 @@ def convert_once(src: Path, out: Path, mode: str, device: str, cold: bool) -> di
     if proc.returncode:
         raise SystemExit(f"conversion failed with exit code {proc.returncode}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss"] = usage.ru_maxrss * 1024
+    # VmHWM of the child's own address space: ru_maxrss would also count the parent's resident
+    # memory at fork/exec time (Linux carries the old mm's high-water mark across exec).
+    if not result.get("peak_rss"):
+        result["peak_rss"] = usage.ru_maxrss * 1024
     return result
 
 

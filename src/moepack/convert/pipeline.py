@@ -313,10 +313,24 @@ def _write_layer(
 ) -> tuple[WrittenFile, Future[str] | None]:
     """Write a layer file; hash it as it is written (`hashes` None) or, once it is on disk,
     on the `hashes` pool (its memory is then freed at the disk's pace)."""
+    t0 = time.perf_counter()
     written = write_safetensors(out, rel, tensors, meta, release=True, digest=hashes is None)
+    log.info(
+        "%s written in %.2fs (%s)",
+        rel,
+        time.perf_counter() - t0,
+        "hashed" if hashes is None else "hash follows",
+    )
     if hashes is None:
         return written, None
-    return written, hashes.submit(sha256_file, out / rel)
+    return written, hashes.submit(_timed_sha256, out / rel, rel)
+
+
+def _timed_sha256(path: Path, rel: str) -> str:
+    t0 = time.perf_counter()
+    digest = sha256_file(path)
+    log.info("%s hashed in %.2fs", rel, time.perf_counter() - t0)
+    return digest
 
 
 def _layer_meta(moe: MoELayer) -> dict[str, str]:

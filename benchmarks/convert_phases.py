@@ -1,0 +1,87 @@
+"""Where one layer's conversion time goes, warm, phase by phase (each timed alone, in order).
+
+    python benchmarks/convert_phases.py CHECKPOINT SCRATCH_DIR [--out phases.json]
+
+Phases: source sha256 (all files, as `moepack convert` hashes them), the gather of each
+projection into its padded layer buffer, the rest of `convert_layer` (swizzle, bake, scalars),
+the sampled fidelity measurement, the layer file's write with its sha256 taken as it is written,
+the same write without hashing (+ fsync), and the sha256 of the written file read back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moepack.convert import pipeline, transform
+from moepack.convert.checkpoint import Checkpoint
+from moepack.convert.moe_layers import find_moe_layers
+from moepack.convert.writer import write_safetensors
+from moepack.runtime.verify import sha256_file
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("scratch", type=Path)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+
+    def phase(name: str, fn):  # noqa: ANN001, ANN202
+        t0 = time.perf_counter()
+        result = fn()
+        times[name] = time.perf_counter() - t0
+        return result
+
+    root = args.checkpoint
+    names = pipeline._needed_weight_files(root)
+    ck = Checkpoint(root)
+    for p in sorted(root.glob("*.safetensors")):  # warm: everything in the page cache
+        sha256_file(p)
+    phase("source sha256 (all shards, parallel)", lambda: pipeline._hash_files(root, names))
+    moe = find_moe_layers(ck.weight_map, ck.quant, ck.config)[0]
+    geo = transform.geometry_of(ck, moe)
+    e, h, n, n_p = geo.num_experts, geo.hidden, geo.intermediate, geo.intermediate_padded
+    cpu = torch.device("cpu")
+    phase("gather fc1 (up)", lambda: transform._load_proj(ck, moe, ("up",), (e, n, n_p, h, h), cpu))
+    phase(
+        "gather fc2 (down)",
+        lambda: transform._load_proj(ck, moe, ("down",), (e, h, h, n, n_p), cpu),
+    )
+    result = phase(
+        "convert_layer (gathers + swizzle + bake)",
+        lambda: transform.convert_layer(ck, moe, geo, "baked"),
+    )
+    phase("fidelity (sampled)", result.measure)
+    phase(
+        "fidelity (exact)",
+        transform.convert_layer(ck, moe, geo, "baked", exact_fidelity=True).measure,
+    )
+    out = args.scratch
+    phase(
+        "write + sha256 as written + fsync",
+        lambda: write_safetensors(out, "a.safetensors", list(result.tensors), {}),
+    )
+    phase(
+        "write + fsync, no hash",
+        lambda: write_safetensors(out, "b.safetensors", list(result.tensors), {}, digest=False),
+    )
+    phase("sha256 of the written file, read back", lambda: sha256_file(out / "b.safetensors"))
+    for f in ("a.safetensors", "b.safetensors"):
+        (out / f).unlink()
+    width = max(map(len, times))
+    print("| phase (one layer, warm) | s |\n|---|---:|")
+    for k, v in times.items():
+        print(f"| {k:<{width}} | {v:.3f} |")
+    if args.out:
+        args.out.write_text(json.dumps(times, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
