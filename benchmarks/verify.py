@@ -29,7 +29,8 @@ import torch
 from cache import drop_cache
 
 from moepack.convert.writer import Blob, write_json, write_safetensors
-from moepack.format import Geometry, layer_file
+from moepack.format import FORMAT_VERSION, Geometry, layer_file
+from moepack.runtime import verify as verify_mod
 from moepack.runtime.layout import padded_intermediate
 from moepack.runtime.verify import sha256_file, verify_artifact
 
@@ -53,9 +54,10 @@ def _random_blob(pool: memoryview, dtype: str, shape: tuple[int, ...]) -> Blob:
     return Blob(dtype, shape, nbytes, chunks)
 
 
-def build(root: Path, gigabytes: float) -> list[Path]:
-    """Write enough baked layer files for `gigabytes` of artifact, and their manifest."""
-    geo = Geometry(EXPERTS, HIDDEN, INTERMEDIATE, padded_intermediate(INTERMEDIATE), False)
+def build(root: Path, gigabytes: float, experts: int = EXPERTS) -> list[Path]:
+    """Write enough baked layer files for `gigabytes` of artifact, and their manifest (format
+    v2: each file's sha256 chain is recorded as it is written)."""
+    geo = Geometry(experts, HIDDEN, INTERMEDIATE, padded_intermediate(INTERMEDIATE), False)
     specs = geo.tensor_specs("baked")
     pool = memoryview(torch.randint(0, 256, (RANDOM,), dtype=torch.uint8).numpy()).cast("B")
     per_layer = sum(_random_blob(pool, d, s).nbytes for d, s in specs.values())
@@ -63,7 +65,7 @@ def build(root: Path, gigabytes: float) -> list[Path]:
     files = []
     for layer in layers:
         blobs = [(name, _random_blob(pool, d, s)) for name, (d, s) in specs.items()]
-        meta = {"format": "moepack", "format_version": "1", "layer": str(layer)}
+        meta = {"format": "moepack", "format_version": str(FORMAT_VERSION), "layer": str(layer)}
         files.append(write_safetensors(root, layer_file(layer), blobs, meta).record("moe_layer"))
     write_json(root, "manifest.json", _manifest(geo, layers, files))
     return [root / f["path"] for f in files]
@@ -72,7 +74,7 @@ def build(root: Path, gigabytes: float) -> list[Path]:
 def _manifest(geo: Geometry, layers: list[int], files: list[dict]) -> dict:
     return {
         "format": "moepack",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "tool": {"name": "moepack", "version": "benchmark"},
         "source": {"type": "local", "path": "synthetic", "files": []},
         "target": "sm120",
@@ -130,8 +132,15 @@ def sha256sum(files: list[Path], jobs: int) -> None:
     subprocess.run(args, input=data, check=True, stdout=subprocess.DEVNULL)
 
 
-def moepack_verify(root: Path, jobs: int) -> None:
-    report = verify_artifact(root, jobs=jobs)
+def moepack_verify(root: Path, jobs: int, chains: bool = True) -> None:
+    """`chains=False` ignores the files' sha256 chains (whole-file sha256 per file, as v1)."""
+    saved = verify_mod.sha256chain.available
+    if not chains:
+        verify_mod.sha256chain.available = lambda: False  # type: ignore[method-assign]
+    try:
+        report = verify_artifact(root, jobs=jobs)
+    finally:
+        verify_mod.sha256chain.available = saved  # type: ignore[method-assign]
     if report.exit_code:
         sys.exit(f"verify failed on the benchmark artifact:\n{report.format_text()}")
 
@@ -194,6 +203,9 @@ def run(root: Path, files: list[Path], jobs: int, repeat: int) -> str:
         gbps[temp, f"moepack verify --jobs {jobs}"] = total / timed(
             lambda: moepack_verify(root, jobs), files, cold, repeat
         )
+        gbps[temp, f"moepack verify --jobs {jobs}, whole-file sha256 only (v1 path)"] = (
+            total / timed(lambda: moepack_verify(root, jobs, chains=False), files, cold, repeat)
+        )
     lines = [
         f"Machine: {os.cpu_count()} CPUs, {cpu_model()}; single-core sha256 {core / 1e9:.2f} GB/s. "
         f"Artifact: {len(files)} layer files, {total / 1e9:.2f} GB. Cold = posix_fadvise(DONTNEED) "
@@ -220,12 +232,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the generated artifact")
+    parser.add_argument(
+        "--experts", type=int, default=EXPERTS, help="experts a layer file (2048: ~7.4 GB files)"
+    )
     args = parser.parse_args()
     parent = args.dir or Path(tempfile.mkdtemp(prefix="moepack-bench-"))
     root = parent / "artifact"
     try:
         t = time.perf_counter()
-        files = build(root, args.gb)
+        files = build(root, args.gb, args.experts)
         print(f"built {root} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         print(run(root, files, args.jobs, args.repeat))
     finally:

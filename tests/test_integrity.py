@@ -170,7 +170,7 @@ UNUSABLE: dict[str, Callable[[Path], None]] = {
     "empty": _write(b""),
     "binary": _write(bytes(range(256))),
     "a list": _write(b"[1, 2]"),
-    "unknown version": _mutate(lambda m: m.update(format_version=2)),
+    "unknown version": _mutate(lambda m: m.update(format_version=3)),
     "version as string": _mutate(lambda m: m.update(format_version="1")),
     "no marker": _mutate(lambda m: m.pop("complete")),
     "marker false": _mutate(lambda m: m.update(complete=False)),

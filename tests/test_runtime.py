@@ -267,9 +267,9 @@ def _copy(root: Path, tmp_path: Path) -> Path:
 def test_rejects_bad_version(by_mode, tmp_path) -> None:
     root = _copy(by_mode[("nano", "baked")], tmp_path)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match="format_version 2"):
+    with pytest.raises(ManifestError, match="format_version 3"):
         load(root, device="cpu")
 
 

@@ -117,7 +117,7 @@ def test_describe(artifacts: dict[str, Path], checkpoints: dict[str, Path], vari
     source, options = ARTIFACTS[variant]
     d = describe(root)
     assert json.loads(json.dumps(d)) == d
-    assert d["format"] == {"name": "moepack", "version": 1}
+    assert d["format"] == {"name": "moepack", "version": 2}
     assert d["source"]["type"] == "local" and d["source"]["path"] == m["source"]["path"]
     assert Path(d["source"]["path"]).resolve() == checkpoints[source].resolve()
     assert d["b12x_scale_mode"] == options["b12x_scales"]

@@ -47,7 +47,7 @@ from moepack.format import (
 from moepack.format import constants as fmt
 from moepack.format.flashinfer import DEFAULT_PAD_TILE, PAD_TILES, copy_free_releases
 from moepack.format.validate import manifest_errors
-from moepack.runtime.verify import sha256_file
+from moepack.runtime.verify import sha256_chain_file, sha256_file
 
 from .checkpoint import (
     INDEX,
@@ -292,7 +292,7 @@ class _InFlight:
 
     moe: MoELayer
     rel: str
-    writing: Future[tuple[WrittenFile, Future[str] | None]]
+    writing: Future[tuple[WrittenFile, Future[tuple[str, list[str]]] | None]]
     rec: dict[str, Any]
 
     def ready(self) -> bool:
@@ -310,7 +310,7 @@ def _write_layer(
     tensors: list[tuple[str, torch.Tensor]],
     meta: dict[str, str],
     hashes: ThreadPoolExecutor | None,
-) -> tuple[WrittenFile, Future[str] | None]:
+) -> tuple[WrittenFile, Future[tuple[str, list[str]]] | None]:
     """Write a layer file; hash it as it is written (`hashes` None) or, once it is on disk,
     on the `hashes` pool (its memory is then freed at the disk's pace)."""
     t0 = time.perf_counter()
@@ -326,9 +326,9 @@ def _write_layer(
     return written, hashes.submit(_timed_sha256, out / rel, rel)
 
 
-def _timed_sha256(path: Path, rel: str) -> str:
+def _timed_sha256(path: Path, rel: str) -> tuple[str, list[str]]:
     t0 = time.perf_counter()
-    digest = sha256_file(path)
+    digest = sha256_chain_file(path)
     log.info("%s hashed in %.2fs", rel, time.perf_counter() - t0)
     return digest
 
@@ -421,7 +421,7 @@ def _record(done: _InFlight, state: _State, bar: Any) -> tuple[MoELayer, dict[st
     """Wait for an in-flight layer file (written and hashed) and record it as finished."""
     written, hashing = done.writing.result()
     if hashing is not None:
-        written.sha256 = hashing.result()
+        written.sha256, written.chain = hashing.result()
     done.rec["file"] = written.record("moe_layer")
     state.add(done.rel, done.rec)
     bar.update(1)

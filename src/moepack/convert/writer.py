@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from moepack import sha256chain
 from moepack.format import ALIGNMENT, DTYPE_SIZES, PAD_PREFIX
 from moepack.runtime.dtypes import TORCH_DTYPES
 
@@ -39,6 +40,8 @@ class WrittenFile:
     size: int
     sha256: str
     tensors: dict[str, dict[str, Any]] | None = field(default=None)
+    chain: list[str] = field(default_factory=list)
+    """SHA-256 states every `sha256chain.CHUNK` bytes (format v2); empty for one-chunk files."""
 
     def record(self, kind: str) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -49,7 +52,18 @@ class WrittenFile:
         }
         if self.tensors is not None:
             rec["tensors"] = self.tensors
+        if self.chain:
+            rec["sha256_chain"] = {"chunk_size": sha256chain.CHUNK, "states": list(self.chain)}
         return rec
+
+
+def new_digest() -> Any:
+    """A sha256 that also records its chain states when libcrypto allows (`sha256chain`)."""
+    return sha256chain.Chain() if sha256chain.available() else hashlib.sha256()
+
+
+def chain_of(digest: Any) -> list[str]:
+    return list(getattr(digest, "states", []))
 
 
 class _Hasher:
@@ -59,7 +73,7 @@ class _Hasher:
     must not change after `update` (tensor views and fresh `bytes` do not)."""
 
     def __init__(self) -> None:
-        self._h = hashlib.sha256()
+        self._h = new_digest()
         self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -81,6 +95,9 @@ class _Hasher:
     def hexdigest(self) -> str:
         return self._h.hexdigest()
 
+    def chain(self) -> list[str]:
+        return chain_of(self._h)
+
 
 class _NoHasher:
     """Stands in for `_Hasher` when the caller hashes the file later (from the page cache)."""
@@ -96,6 +113,9 @@ class _NoHasher:
 
     def hexdigest(self) -> str:
         return ""
+
+    def chain(self) -> list[str]:
+        return []
 
 
 class _Sink:
@@ -265,7 +285,7 @@ def write_safetensors(
                 out.write(chunk)
             if release:
                 plan[i] = (name, 0)
-    return WrittenFile(relpath, out.size, hasher.hexdigest(), listing)
+    return WrittenFile(relpath, out.size, hasher.hexdigest(), listing, hasher.chain())
 
 
 def copy_file(src: Path, root: Path, relpath: str) -> WrittenFile:
@@ -275,7 +295,7 @@ def copy_file(src: Path, root: Path, relpath: str) -> WrittenFile:
         out = _Sink(f, hasher)
         while block := fin.read(COPY_CHUNK):
             out.write(block)
-    return WrittenFile(relpath, out.size, hasher.hexdigest())
+    return WrittenFile(relpath, out.size, hasher.hexdigest(), None, hasher.chain())
 
 
 def write_json(root: Path, relpath: str, obj: Any) -> WrittenFile:

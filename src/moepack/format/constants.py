@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 FORMAT_NAME = "moepack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The version this moepack writes. 2 is 1 plus an optional `sha256_chain` per file (the
+SHA-256 state every 64 MiB, so one large file verifies on all cores); 1 is still read."""
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 ALIGNMENT = 4096
 """Every tensor's data starts at a file offset that is a multiple of this."""

@@ -287,12 +287,24 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
+class Sha256Chain:
+    """Format v2: the file's SHA-256 state after every `chunk_size` bytes (`moepack.sha256chain`)."""
+
+    chunk_size: int
+    states: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chunk_size": self.chunk_size, "states": list(self.states)}
+
+
+@dataclass(frozen=True)
 class FileRecord:
     path: str
     kind: str  # "moe_layer" | "model_shard" | "model_file"
     size: int
     sha256: str
     tensors: dict[str, TensorRecord] | None = None
+    sha256_chain: Sha256Chain | None = None
 
     @classmethod
     def from_json(cls, o: dict[str, Any]) -> FileRecord:
@@ -308,6 +320,9 @@ class FileRecord:
                 name: TensorRecord(t["dtype"], tuple(t["shape"]), tuple(t["data_offsets"]))
                 for name, t in tensors.items()
             },
+            None
+            if o.get("sha256_chain") is None
+            else Sha256Chain(o["sha256_chain"]["chunk_size"], tuple(o["sha256_chain"]["states"])),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -319,6 +334,8 @@ class FileRecord:
         }
         if self.tensors is not None:
             d["tensors"] = {name: t.to_json() for name, t in self.tensors.items()}
+        if self.sha256_chain is not None:
+            d["sha256_chain"] = self.sha256_chain.to_json()
         return d
 
 

@@ -33,10 +33,10 @@ from moepack.errors import HeaderError, ManifestError, VerificationError
 from .constants import (
     ALIGNMENT,
     FORMAT_NAME,
-    FORMAT_VERSION,
     LEFTOVER_MARKERS,
     MANIFEST,
     PAD_PREFIX,
+    READ_VERSIONS,
     layer_file,
 )
 from .flashinfer import RELEASES
@@ -211,6 +211,11 @@ def manifest_errors(manifest: Any) -> list[str]:
     return errors
 
 
+def chunks_of(size: int, chunk: int) -> int:
+    """Chunks of a `size`-byte file in a `sha256_chain` of `chunk`-byte chunks (at least one)."""
+    return max(1, -(-size // chunk))
+
+
 def _consistency_errors(m: dict[str, Any]) -> list[str]:
     errors = []
     paths = [f["path"] for f in m["files"]]
@@ -235,6 +240,16 @@ def _consistency_errors(m: dict[str, Any]) -> list[str]:
             errors.append(f"manifest.files[{i}]: safetensors file without a tensor listing")
         if f["kind"] == "moe_layer" and f["path"] not in layer_files:
             errors.append(f"manifest.files[{i}]: moe_layer {f['path']!r} is not in manifest.layers")
+        chain = f.get("sha256_chain")
+        if chain is not None:
+            if m["format_version"] < 2:
+                errors.append(f"manifest.files[{i}]: sha256_chain needs format_version 2")
+            want = chunks_of(f["size"], chain["chunk_size"]) - 1
+            if len(chain["states"]) != want:
+                errors.append(
+                    f"manifest.files[{i}].sha256_chain: {len(chain['states'])} states, expected "
+                    f"{want} for {f['size']} bytes in chunks of {chain['chunk_size']}"
+                )
     n, n_p = m["model"]["intermediate_size"], m["model"]["intermediate_size_padded"]
     tile = m["kernel_abi"]["pad_tile"]
     if n_p != padded_intermediate(n, tile):
@@ -327,13 +342,16 @@ def manifest_problems(root: Path) -> tuple[Manifest | None, list[Problem]]:
         return None, [Problem(MANIFEST, None, "missing: not a moepack artifact, or unfinished")]
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return None, [Problem(MANIFEST, None, f"unreadable: {exc}")]
-    if isinstance(obj, dict) and not _same(obj.get("format_version"), FORMAT_VERSION):
+    if isinstance(obj, dict) and not any(
+        _same(obj.get("format_version"), v) for v in READ_VERSIONS
+    ):
         found = obj.get("format_version")
         return None, [
             Problem(
                 MANIFEST,
                 None,
-                f"format_version {found!r} is not supported (this moepack reads {FORMAT_VERSION})",
+                f"format_version {found!r} is not supported (this moepack reads "
+                f"{', '.join(map(str, READ_VERSIONS))})",
             )
         ]
     if isinstance(obj, dict) and obj.get("complete") is not True:
@@ -487,7 +505,7 @@ def _check_layer(manifest: Manifest, rel: str, header: Header) -> list[Problem]:
         )
     want_meta = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(manifest.format_version),
         "layer": str(manifest.layer_of_file(rel)),
     }
     if header.metadata != want_meta:

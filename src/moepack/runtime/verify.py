@@ -15,16 +15,19 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moepack import sha256chain
 from moepack.format.manifest import FileRecord, Manifest
 from moepack.format.validate import (
     SCHEMA_PATH,
     Problem,
     check_file,
+    chunks_of,
     extra_files,
     manifest_errors,
     manifest_problems,
@@ -137,6 +140,45 @@ class _Progress:
             self.bar.close()
 
 
+def sha256_chain_file(path: Path) -> tuple[str, list[str]]:
+    """A file's sha256 and its format-v2 chain states (`moepack.sha256chain`; empty where
+    libcrypto's SHA256 functions are missing or the file is one chunk)."""
+    if not sha256chain.available():
+        return sha256_file(path), []
+    h = sha256chain.Chain()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest(), h.states
+
+
+def _chunk_pieces(
+    path: Path, progress: _Progress | None
+) -> Callable[[int, int], Iterator[memoryview]]:
+    """`reader(offset, n)` for `sha256chain.check_chunk`: positioned reads of the range."""
+
+    def reader(offset: int, n: int) -> Iterator[memoryview]:
+        buf = bytearray(min(CHUNK, max(n, 1)))
+        view = memoryview(buf)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [view[: min(len(buf), n - done)]], offset + done)
+                if got == 0:
+                    raise OSError(f"{path}: ends before byte {offset + n}")
+                yield view[:got]
+                done += got
+                if progress is not None:
+                    progress.add(got)
+        finally:
+            os.close(fd)
+
+    return reader
+
+
 def sha256_file(path: Path, progress: _Progress | None = None, chunk: int = CHUNK) -> str:
     """Stream `path` through sha256 in large reads into one reused buffer (hashlib drops the GIL)."""
     h = hashlib.sha256()
@@ -158,6 +200,8 @@ class _Context:
     manifest: Manifest
     quick: bool
     progress: _Progress
+    chunks: ThreadPoolExecutor | None = None
+    """Hashes the chunks of files with a `sha256_chain` (format v2), all files' chunks at once."""
 
 
 def _check_file(ctx: _Context, rec: FileRecord) -> tuple[list[Problem], int]:
@@ -166,6 +210,20 @@ def _check_file(ctx: _Context, rec: FileRecord) -> tuple[list[Problem], int]:
     if ctx.quick or not check.readable:
         return check.problems, 0
     try:
+        if rec.sha256_chain is not None and ctx.chunks is not None and sha256chain.available():
+            bad = _failed_chunks(ctx, rec)
+            if bad:
+                chunk = rec.sha256_chain.chunk_size
+                lo, hi = bad[0] * chunk, min(rec.size, (bad[0] + 1) * chunk)
+                check.problems.append(
+                    Problem(
+                        rec.path,
+                        None,
+                        f"sha256: expected {rec.sha256}, found other bytes in {len(bad)} of "
+                        f"{chunks_of(rec.size, chunk)} chunks (first: bytes [{lo}, {hi}))",
+                    )
+                )
+            return check.problems, check.size or 0
         digest = sha256_file(ctx.root / rec.path, ctx.progress)
     except OSError as exc:
         return [*check.problems, Problem(rec.path, None, f"cannot read: {exc.strerror or exc}")], 0
@@ -174,6 +232,23 @@ def _check_file(ctx: _Context, rec: FileRecord) -> tuple[list[Problem], int]:
             Problem(rec.path, None, f"sha256: expected {rec.sha256}, found {digest}")
         )
     return check.problems, check.size or 0
+
+
+def _failed_chunks(ctx: _Context, rec: FileRecord) -> list[int]:
+    """Indices of the chunks of `rec` that do not lead from one recorded SHA-256 state to the
+    next (the last one to the file's sha256), every chunk checked on the chunk pool at once."""
+    assert rec.sha256_chain is not None and ctx.chunks is not None
+    chain = rec.sha256_chain
+    reader = _chunk_pieces(ctx.root / rec.path, ctx.progress)
+    states = list(chain.states)
+    count = chunks_of(rec.size, chain.chunk_size)
+    futures = [
+        ctx.chunks.submit(
+            sha256chain.check_chunk, reader, states, rec.sha256, chain.chunk_size, i, rec.size
+        )
+        for i in range(count)
+    ]
+    return [i for i, fut in enumerate(futures) if not fut.result()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,10 +279,14 @@ def _verify(root: Path, report: VerifyReport, jobs: int | None, progress: bool) 
         return
     records = sorted(manifest.files, key=lambda r: -r.size)  # biggest first: balance
     bar = _Progress(0 if report.quick else sum(r.size for r in records), progress)
-    ctx = _Context(root, manifest, report.quick, bar)
-    workers = max(1, min(jobs or os.cpu_count() or 1, len(records) or 1))
+    threads = max(1, jobs or os.cpu_count() or 1)
+    workers = max(1, min(threads, len(records) or 1))
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moepack-chunk") as chunks,
+        ):
+            ctx = _Context(root, manifest, report.quick, bar, chunks)
             results = list(pool.map(lambda rec: _check_file(ctx, rec), records))
     finally:
         bar.close()
