@@ -275,7 +275,7 @@ def test_independent_reader_decodes_golden_to_source_values(case: str) -> None:
         halves = ["up_proj", "gate_proj"] if gated else ["up_proj"]
         assert f.meta == {
             "format": "moepack",
-            "format_version": "1",
+            "format_version": str(m["format_version"]),  # the manifest's version (FORMAT.md 3)
             "layer": str(m["model"]["moe_layers"][0]),
         }
         expected_names = ["w13", "w2", "w13_sf", "w2_sf"] + (
