@@ -971,12 +971,21 @@ def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> str:
         "--quiet",
     ],
 )
-def test_progress_bars_on_a_terminal(built: Path, how: dict[str, Any]) -> None:
-    seen = _stderr_on_a_terminal(["verify", str(built), *how.get("args", [])], how.get("env", {}))
-    if how:
-        assert "sha256" not in seen, seen
+@pytest.mark.parametrize("command", ["verify", "convert"])
+def test_progress_bars_on_a_terminal(
+    built: Path, ctx: Ctx, command: str, how: dict[str, Any]
+) -> None:
+    """verify's hashing bar and convert's layer bar, each with every way to turn it off."""
+    if command == "verify":
+        args, bar = ["verify", str(built)], "sha256"
     else:
-        assert "sha256" in seen, seen  # the bar this row turns off is there by default
+        args = ["convert", str(ctx.ckpt), "--target", "sm120", "-o", str(ctx.path("out"))]
+        bar = "convert"
+    seen = _stderr_on_a_terminal([*args, *how.get("args", [])], how.get("env", {}))
+    if how:
+        assert f"{bar}:" not in seen, seen
+    else:
+        assert f"{bar}:" in seen, seen  # the bar the other rows turn off is there by default
 
 
 SLOW_SECOND_LAYER = """
