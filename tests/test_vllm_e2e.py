@@ -100,6 +100,10 @@ def test_no_expert_shaped_allocation(
     # While vLLM built and loaded the whole model, nothing allocated an expert-shaped tensor.
     hits = [(op, s) for op, s in run.load_allocations if s in shapes]
     assert not hits, hits
+    # ... and the recorder saw the load: the embedding and lm_head allocations are there.
+    hidden = json.loads((artifacts[model] / "model" / "config.json").read_text())["hidden_size"]
+    assert any(s == (256, hidden) for _, s in run.load_allocations), "recorder saw nothing"
+    assert len(run.create_ops) == 2
     # The MoE method itself allocated nothing but empty placeholders.
     for rec in run.create_ops:
         assert rec.allocations(), "create_weights registered no placeholder"
