@@ -1,6 +1,7 @@
 """Dependency direction, from the source: the leaf modules (`errors`, `sizes`) import nothing of
 moepack, `format` only the leaves (and no torch), `runtime` builds on `format` and never on
-`convert`, and nothing imports `cli`. Function-level imports count too: a lazy import is still
+`convert`, engine integrations build on `runtime` (an engine loads artifacts, it does not
+convert), and nothing imports `cli`. Function-level imports count too: a lazy import is still
 a dependency."""
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def _moepack_deps(path: Path) -> set[str]:
         ("format", LEAVES | {"moepack.format"}),
         ("runtime", LEAVES | {"moepack.format", "moepack.runtime"}),
         ("recipes", set()),
+        ("integrations", LEAVES | {"moepack.format", "moepack.runtime", "moepack.integrations"}),
         (
             "convert",
             LEAVES | {"moepack.format", "moepack.runtime", "moepack.convert", "moepack.recipes"},
