@@ -235,8 +235,9 @@ def _hub(repo_id: str, revision: str | None, progress: bool, hub: dict[str, Any]
         from .hub import open_repo  # huggingface_hub is imported only when the Hub is used
     except ModuleNotFoundError as exc:
         raise UsageError(
-            f"{repo_id}: converting from the Hub needs the convert extra ({exc.name} is not "
-            "installed): pip install 'moepack[convert]', or use a local checkpoint directory",
+            f"{repo_id}: converting from the Hub needs the convert extra (huggingface_hub; "
+            f"{exc.name} is not installed): pip install 'moepack[convert]', or use a local "
+            "checkpoint directory",
             found=exc.name,
         ) from None
 
