@@ -351,12 +351,13 @@ def _misshapen_expert(ctx: Ctx) -> Outcome:
     tensors[name] = tensors[name][:, :-8].contiguous()
     save_file(tensors, str(shard), metadata={"format": "pt"})
     ctx.notes["shard"] = index[name]
-    return cli("convert", ctx.ckpt, "--target", "sm120", "-o", ctx.path("out"))
+    return cli("convert", ctx.ckpt, "--target", "sm120", "-o", ctx.path("new/dirs/out"))
 
 
 def _names_shard_no_dir(ctx: Ctx, res: Outcome) -> None:
     assert ctx.notes["shard"] in res.stderr
-    assert not ctx.path("out").exists()  # failed after the output was claimed: removed again
+    # It failed after -o (and the directories above it) were made: all removed again.
+    assert not ctx.path("new").exists()
 
 
 def _verify_source(where: Callable[[Ctx], str], *extra: str) -> Callable[[Ctx], Outcome]:
@@ -682,6 +683,7 @@ ROWS: list[Row] = [
         _misshapen_expert,
         2,
         (r"model-0000\d-of-00003\.safetensors: backbone\.layers\.1\.mixer\.experts\.5\.down_proj",),
+        leaves=lambda ctx: [ctx.path("new/dirs/out")],
         after=_names_shard_no_dir,
     ),
     Row(

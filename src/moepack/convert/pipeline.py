@@ -595,6 +595,8 @@ def convert_checkpoint(
             }
             plan = _plan(ckpt, layers, b12x_scales, moe_only, pad_tile)
             created = not out.exists()
+            # Directories above -o that this conversion creates go again if it fails.
+            made_parents = [p for p in out.absolute().parents if not p.exists()]
             try:
                 with OutputLock(out):
                     try:
@@ -616,6 +618,9 @@ def convert_checkpoint(
                         raise
             except BaseException:
                 prune_empty(out, created, ())  # out itself, once the lock file is gone
+                for parent in made_parents:  # deepest first; only those left empty
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
                 raise
     finally:
         ckpt.close()
