@@ -1,16 +1,20 @@
 """The installed FlashInfer, as far as the runtime must know it before a kernel runs.
 
 `copy_warning` says, with the numbers, when the installed release would copy an artifact's
-weights at run time (the rule of each release is in `moepack.format.flashinfer`).
+weights at run time (the rule of each release is in `moepack.format.flashinfer`);
+`check_environment` refuses the FlashInfer backends while a FlashInfer environment variable
+that changes how the stored scales are read is set.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import warnings
 from collections.abc import Mapping
 
+from moepack.errors import CompatibilityError
 from moepack.format import Manifest
 from moepack.format.flashinfer import release, runtime_copy_bytes
 
@@ -78,3 +82,43 @@ def warn_runtime_copies(manifest: Manifest, backends: Mapping[int, str]) -> str 
         log.warning("moepack: %s", message)
         warnings.warn(message, RuntimeCopyWarning, stacklevel=3)
     return message
+
+
+# -- environment variables that change how FlashInfer reads the stored scales -----------------
+
+REFUSED_ENV = {
+    "FLASHINFER_B12X_FORCE_MOE_W4A16": (
+        "makes FlashInfer's b12x dispatch treat every NVFP4 MoE as W4A16 (bf16 activations, "
+        "its own weight preparation; moe_dispatch._normalize_quant_mode), so the artifact's "
+        "W4A4 scales and alphas would be read as something else"
+    ),
+    "FLASHINFER_NVFP4_4OVER6": (
+        "switches the NVFP4 activation quantization inside FlashInfer's CUTLASS fused MoE to "
+        "the 4over6 recipe (read by cutlass_fused_moe_kernels.cuh; the b12x kernels ignore it), "
+        "so the prefill path would quantize against scales made for the standard recipe and "
+        "disagree with the decode path"
+    ),
+}
+"""FlashInfer acts on each only when it is exactly "1" (`os.environ.get(name, "0") == "1"` in
+moe_dispatch.py; `env_flag_enabled` / `getBoolEnv` for 4over6), in 0.7.2.x and 0.7.4 alike."""
+
+
+def refused_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of `REFUSED_ENV` that FlashInfer would act on, with what they change."""
+    env = os.environ if environ is None else environ
+    return {name: why for name, why in REFUSED_ENV.items() if env.get(name) == "1"}
+
+
+def check_environment(backend: str, layer: int | None = None) -> None:
+    """Refuse to build a FlashInfer kernel path while a variable that changes how the stored
+    scales are read is set."""
+    if backend == "reference":
+        return
+    found = refused_environment()
+    if found:
+        where = "" if layer is None else f"layer {layer}: "
+        raise CompatibilityError(
+            f"{where}refusing the {backend!r} backend: "
+            + "; ".join(f"{name}=1 {why}" for name, why in found.items())
+            + ". Unset it for moepack, or use backend='reference'."
+        )

@@ -2,8 +2,10 @@
 
 Prefill chunks (`T >= threshold`) run FlashInfer's CUTLASS NVFP4 grouped GEMM, decode chunks
 (`T < threshold`) the b12x SM12x kernels through one `B12xMoEWrapper` per layer, built at
-construction with preallocated buffers so the decode forward allocates nothing and can be
-captured in a CUDA graph. Every argument handed to a kernel is a view of the layer's one buffer,
+construction with preallocated buffers. FlashInfer still prepares on a wrapper's first call
+(alpha fold, scale views, kernel compile): after `warmup()` (one eager call per path and batch
+size, also `load(..., warmup=True)`) the decode forward allocates nothing and can be captured in
+a CUDA graph; FlashInfer 0.7.4 refuses first-use preparation inside a capture. Every argument handed to a kernel is a view of the layer's one buffer,
 prepared once here (`cutlass_arguments`, `b12x_arguments`), so forward does no conversion.
 
 Backends by device: SM120/SM121 `hybrid`; SM100 `cutlass` only (b12x is SM12x-only); anything
@@ -14,6 +16,7 @@ reports say some FlashInfer CUTLASS FP4 paths misbehave on SM121).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,7 @@ from moepack.errors import BackendError
 from moepack.format import ACTIVATIONS, Geometry
 
 from . import reference
+from .flashinfer_env import check_environment
 from .layout import mma_view
 
 log = logging.getLogger("moepack.runtime")
@@ -110,6 +114,7 @@ class HybridMoE(torch.nn.Module):
         self.threshold = threshold
         self.max_decode_tokens = threshold - 1 if max_decode_tokens is None else max_decode_tokens
         self._paths: dict[str, reference.MoEPath] = {}
+        check_environment(backend, spec.layer)
         uses_b12x = backend in ("hybrid", "b12x")
         self._b12x_args = self.b12x_arguments() if uses_b12x else {}
         self._wrapper = self._make_wrapper() if uses_b12x else None
@@ -181,6 +186,46 @@ class HybridMoE(torch.nn.Module):
         from flashinfer import B12xMoEWrapper
 
         return B12xMoEWrapper(**self.b12x_wrapper_config())
+
+    # -- warm-up ----------------------------------------------------------------------------
+
+    def warmup_token_counts(self) -> list[int]:
+        """Default `warmup` batch sizes: 1 and `max_decode_tokens` for the b12x path (the
+        smallest and largest decode batch), `threshold` for the CUTLASS path."""
+        counts: set[int] = set()
+        if self.backend in ("hybrid", "b12x", "reference") and self.max_decode_tokens >= 1:
+            counts |= {1, self.max_decode_tokens}
+        if self.backend in ("hybrid", "cutlass", "reference"):
+            counts.add(self.threshold)
+        return sorted(counts)
+
+    def warmup(self, token_counts: Iterable[int] | None = None) -> list[tuple[str, int]]:
+        """One eager forward per kernel path and batch size, before any CUDA-graph capture.
+
+        FlashInfer prepares on a wrapper's first call (b12x: the folded FC1 alpha in shared
+        mode, the converted scale views, any padded copy, the workspace, compiling the kernel
+        its dispatch picks for that many routed rows; CUTLASS: its own first-use work). From
+        0.7.4 on it refuses to do that inside a capture; 0.7.2.x would do it silently there.
+        After `warmup`, a decode forward of a warmed batch size allocates nothing and may be
+        captured. Pass the batch sizes you will capture (FlashInfer picks its static, dynamic or
+        micro kernel by routed rows, each compiled on first use); default
+        `warmup_token_counts()`. Inputs are zeros routed round-robin over the experts. Returns
+        the `(path, tokens)` pairs run.
+        """
+        counts = self.warmup_token_counts() if token_counts is None else sorted(set(token_counts))
+        g, k, dev = self.spec.geometry, self.spec.top_k, self.storage.device
+        done = []
+        for t in counts:
+            if t < 1 or (self.backend == "b12x" and t > self.max_decode_tokens):
+                raise ValueError(f"layer {self.spec.layer}: cannot warm up {t} tokens here")
+            x = torch.zeros(t, g.hidden, dtype=torch.bfloat16, device=dev)
+            ids = torch.arange(t * k, dtype=torch.int32, device=dev).remainder_(g.num_experts)
+            weights = torch.full((t, k), 1.0 / k, dtype=torch.float32, device=dev)
+            self.forward(x, ids.view(t, k), weights)
+            done.append((self.route(t), t))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return done
 
     # -- forward ----------------------------------------------------------------------------
 

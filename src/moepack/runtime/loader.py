@@ -61,7 +61,7 @@ from moepack.sizes import human_bytes
 
 from . import hostmem
 from .dtypes import TORCH_DTYPES
-from .flashinfer_env import warn_runtime_copies
+from .flashinfer_env import check_environment, warn_runtime_copies
 from .hybrid import (
     Capability,
     HybridMoE,
@@ -117,6 +117,10 @@ class Artifact:
     def nbytes(self) -> int:
         return sum(m.storage.numel() for m in self.moe_layers.values())
 
+    def warmup(self, token_counts: Iterable[int] | None = None) -> dict[int, list[tuple[str, int]]]:
+        """`HybridMoE.warmup` on every loaded layer (before capturing CUDA graphs)."""
+        return {layer: moe.warmup(token_counts) for layer, moe in self.moe_layers.items()}
+
     def __repr__(self) -> str:
         return (
             f"Artifact({str(self.root)!r}, target={self.manifest.target}, "
@@ -141,6 +145,7 @@ def load(
     readahead_bytes: int = READAHEAD_BYTES,
     host_path: str = HOST_PATH,
     capability: Capability | str = "detect",
+    warmup: bool | Iterable[int] = False,
 ) -> Artifact:
     """Load the MoE layers of the artifact at `root` onto `device` (default: cuda if present).
 
@@ -153,6 +158,8 @@ def load(
     `direct_io`: True/False forces O_DIRECT or buffered reads on a discrete GPU; None (default)
     picks O_DIRECT for a layer file mostly absent from the page cache (`DIRECT_BELOW`).
     `host_path` ('staged' or 'registered', see `HOST_PATH`) is how cached bytes reach the GPU.
+    `warmup` (True, or the batch sizes to warm) runs `Artifact.warmup` before returning: one
+    eager call per layer, kernel path and batch size, needed before CUDA-graph capture.
     """
     if host_path not in HOST_PATHS:
         raise ValueError(f"host_path {host_path!r}: choose one of {', '.join(HOST_PATHS)}")
@@ -173,6 +180,8 @@ def load(
     per_layer = _resolve_backends(backend, chosen, cap)
     check_model(manifest)
     check_flashinfer(manifest.b12x_scale_mode, set(per_layer.values()))
+    for name in sorted(set(per_layer.values())):
+        check_environment(name)
     warn_runtime_copies(manifest, per_layer)
     valid = validate_artifact(root, manifest)  # what verify --quick refuses, load refuses
     if verify:
@@ -200,6 +209,8 @@ def load(
                 max_decode_tokens=max_decode_tokens,
             )
     art.read_paths = list(reader.paths)
+    if warmup is not False:
+        art.warmup(None if warmup is True else warmup)
     art.load_seconds = time.perf_counter() - start
     _log_load(art, cap, threshold)
     return art
