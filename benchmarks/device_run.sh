@@ -6,7 +6,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/moepack-bench-out}
 mkdir -p "$OUT"
-what=${*:-load convert verify}
+what=${*:-load convert phases verify verify1}
 root=$(pwd)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
   || export PYTHONPATH="$root/src"
@@ -31,10 +31,17 @@ for w in $what; do
       python3 convert.py --workdir "$W" --layers "${LAYERS:-4}" --out "$OUT/convert.json" 2>&1 \
         | tee "$OUT/convert.md"
       rm -rf "$W/artifact" ;;
+    phases)
+      python3 convert_phases.py "$W/super-${LAYERS:-4}layer-fast" "$W/phases" \
+        --out "$OUT/phases.json" 2>&1 | tee "$OUT/phases.md" ;;
     verify)
-      python3 verify.py --gb "${VERIFY_GB:-8}" --jobs "$(nproc)" --dir "$W/verify" 2>&1 \
+      python3 verify.py --gb "${VERIFY_GB:-6}" --jobs "$(nproc)" --repeat 1 --dir "$W/verify" 2>&1 \
         | tee "$OUT/verify.md"
       rm -rf "$W/verify" ;;
+    verify1)
+      python3 verify.py --gb "${VERIFY_GB:-6}" --experts 1664 --jobs "$(nproc)" --repeat 1 \
+        --dir "$W/verify1" 2>&1 | tee "$OUT/verify1.md"
+      rm -rf "$W/verify1" ;;
     hub)
       python3 hub_overlap.py --workdir "$W" --out "$OUT/hub.json" 2>&1 | tee "$OUT/hub.md" ;;
   esac

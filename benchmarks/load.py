@@ -200,6 +200,7 @@ def measure(
         host_path: str = "staged",
         chunk: int = CHUNK_BYTES,
         tag: str = "",
+        buffers: int | None = None,
     ) -> Any:
         art = load(
             art_root,
@@ -209,6 +210,7 @@ def measure(
             read_threads=n,
             host_path=host_path,
             chunk_bytes=chunk,
+            staging_buffers=buffers,
         )
         if tag:
             paths[tag] = list(art.read_paths)
@@ -244,6 +246,9 @@ def measure(
                 torch.equal(next(iter(got.values())).storage, ref_storage)
             )
             del got
+            seconds[f"moepack_ring2x_t{big}_{mode}"] = timed(
+                lambda: moepack_load(False, big, buffers=2 * big + 4), device, cold, reps
+            )
             for chunk_mib in (8, 128):
                 seconds[f"moepack_chunk{chunk_mib}_t{big}_{mode}"] = timed(
                     lambda c=chunk_mib: moepack_load(False, big, chunk=c << 20),
@@ -330,6 +335,9 @@ def table(r: dict[str, Any]) -> str:
                 str(big),
                 "moepack_registered",
             )
+        )
+        rows.append(
+            (f"moepack_ring2x_t{big}", f"moepack load, staged, {2 * big + 4} buffers", str(big), "")
         )
         for c in (8, 128):
             rows.append(
