@@ -32,7 +32,7 @@ for w in $what; do
         | tee "$OUT/convert.md"
       rm -rf "$W/artifact" ;;
     phases)
-      python3 convert_phases.py "$W/super-${LAYERS:-4}layer-fast" "$W/phases" \
+      python3 convert_phases.py "$W/super-1layer-fast" "$W/phases" \
         --out "$OUT/phases.json" 2>&1 | tee "$OUT/phases.md" ;;
     verify)
       python3 verify.py --gb "${VERIFY_GB:-6}" --jobs "$(nproc)" --repeat 1 --dir "$W/verify" 2>&1 \

@@ -30,6 +30,7 @@ from cache import drop_cache
 
 from moepack.convert.writer import Blob, write_json, write_safetensors
 from moepack.format import FORMAT_VERSION, Geometry, layer_file
+from moepack.format.flashinfer import copy_free_releases
 from moepack.runtime import verify as verify_mod
 from moepack.runtime.layout import padded_intermediate
 from moepack.runtime.verify import sha256_file, verify_artifact
@@ -92,6 +93,7 @@ def _manifest(geo: Geometry, layers: list[int], files: list[dict]) -> dict:
         "kernel_abi": {
             "flashinfer": ">=0.7.2,<0.8",
             "pad_tile": 256,
+            "flashinfer_copy_free": list(copy_free_releases(geo.intermediate_padded)),
             "sf_block": 16,
             "sf_layout": "cutlass_128x4",
             "w13_order": ["up"],
