@@ -106,8 +106,11 @@ class SourceModel:
             sf1, sf2 = e4m3(sf1 * self.ws13[e]), e4m3(sf2 * self.ws2[e])
         return c1 * sf1.repeat_interleave(16, -1), c2 * sf2.repeat_interleave(16, -1)
 
-    def expert(self, x: torch.Tensor, e: int, path: str) -> torch.Tensor:
-        """One token through expert e on 'cutlass', 'shared' or 'baked'."""
+    def expert(
+        self, x: torch.Tensor, e: int, path: str, route_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One token through expert e on 'cutlass' (its output), or 'shared' or 'baked' (b12x:
+        its contribution with `route_weight`, rounded where the static kernel rounds)."""
         bf16 = path == "cutlass"
         rnd = (lambda t: t.bfloat16().float()) if bf16 else (lambda t: t)
         w1, w2 = self.weights(e, baked=path == "baked")
@@ -126,14 +129,29 @@ class SourceModel:
             a = (torch.nn.functional.silu(gate) * up).float()
         else:
             a = torch.relu(h) ** 2
-        return rnd(dot(act_units(rnd(a), *q2), w2) * al2)
+        a = a.bfloat16().float()  # both kernels store the activation as bf16
+        if path == "cutlass":
+            return rnd(dot(act_units(a, *q2), w2) * al2)
+        # b12x static kernel: FC2 per 256 intermediate columns, each partial rounded to bf16 and
+        # multiplied in bf16 by bf16(route weight * alpha2); the caller sums in float32.
+        aq = act_units(a, *q2)
+        scale = (route_weight * al2).bfloat16().float()
+        parts = [
+            (dot(aq[c : c + 256], w2[:, c : c + 256]).bfloat16().float() * scale).bfloat16()
+            for c in range(0, aq.shape[0], 256)
+        ]
+        return torch.stack(parts).float().sum(0)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, path: str):
         out = torch.zeros(x.shape, dtype=torch.float32)
         for t in range(x.shape[0]):
             for j in range(ids.shape[1]):
                 if ids[t, j] >= 0:
-                    out[t] += w[t, j] * self.expert(x[t].float(), int(ids[t, j]), path)
+                    e = int(ids[t, j])
+                    if path == "cutlass":
+                        out[t] += w[t, j] * self.expert(x[t].float(), e, path)
+                    else:
+                        out[t] += self.expert(x[t].float(), e, path, w[t, j])
         return out.bfloat16()
 
 
@@ -192,15 +210,26 @@ def test_reference_matches_source(by_mode, checkpoints, variant: str, path: str)
 
 
 def test_paths_agree_when_lossless(by_mode) -> None:
-    """Shared-mode decode and CUTLASS prefill read the same scale bytes: outputs agree closely."""
+    """Shared-mode decode and CUTLASS prefill read the same scale bytes: outputs agree closely.
+
+    The paths round to bf16 at different points (the reference module doc), and a bf16 step
+    before FC2's FP4 requantization can move a value across a code boundary, so single batches
+    have a heavy tail. Measured with the b12x static kernel's rounding emulated, over seeds 0-19
+    of this test on gated, super and nano: mean relative difference 0.010-0.012, max 0.081-0.092
+    (with the earlier float32 b12x emulation: mean 0.010-0.012, max 0.061-0.105). Bounds: mean
+    0.02, max 0.1 over seeds 0-9."""
     art_c = load(by_mode[("gated", "shared")], device="cpu", threshold=1)
     art_b = load(by_mode[("gated", "shared")], device="cpu", threshold=10**6)
-    x = inputs(5, 64, seed=3)
-    ids, w = routing(5, 4, 2, seed=4)
-    for layer in art_c.moe_layers:
-        a = art_c.moe_layers[layer](x, ids, w).float()
-        b = art_b.moe_layers[layer](x, ids, w).float()
-        assert (a - b).norm() <= 0.05 * b.norm()
+    m = art_c.manifest.model
+    diffs = []
+    for seed in range(10):
+        x = inputs(5, m.moe_hidden_size, seed=seed)
+        ids, w = routing(5, m.num_experts, m.top_k, seed=seed + 1)
+        for layer in art_c.moe_layers:
+            a = art_c.moe_layers[layer](x, ids, w).float()
+            b = art_b.moe_layers[layer](x, ids, w).float()
+            diffs.append(float((a - b).norm() / b.norm()))
+    assert sum(diffs) / len(diffs) <= 0.02 and max(diffs) <= 0.1, diffs
 
 
 # -- loader -----------------------------------------------------------------------------------

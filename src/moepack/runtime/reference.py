@@ -27,8 +27,17 @@ Numerics, per GEMM (`y = act_quant(x) @ w.T * alpha[e]`):
 
 The CUTLASS path rounds to bf16 where the CUTLASS MoE stores bf16 (the FC1 GEMM output, the
 activation output before requantization, the FC2 GEMM output; cutlass_fused_moe_kernels.cuh
-`quantizePackedFPXValue`, `doActivationKernel`). The b12x path keeps float32 intermediates: an
-assumption about its fused kernels, not checked against hardware.
+`quantizePackedFPXValue`, `doActivationKernel`).
+
+The b12x path rounds where FlashInfer's static b12x kernel does (moe_static_kernel.py, 0.7.2.x
+and 0.7.4): FC1 `alpha * acc` and the activation stay float32 and the activation is stored to
+shared memory as bf16 before FC2's FP4 quantization reads it; FC2 runs per retained group of
+256 intermediate columns (`_STATIC_RETAINED_GROUP_N`), each group's accumulator is rounded to
+bf16, multiplied in bf16 by `bf16(route_weight * alpha2)` (`store_weighted_bf16x8_route`) and
+stored as one bf16 contribution per route and group; the finalize sums the contributions in
+float32 and rounds once to bf16. The micro kernels (the smallest batches) accumulate with bf16
+atomics instead, in an order this oracle cannot reproduce; their results differ from it by bf16
+rounding of the partial sums. Read from the source, not run on SM12x hardware.
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ from .layout import unpad_halves, unswizzle
 
 CUTLASS_PATH = "cutlass"
 B12X_PATH = "b12x"
+B12X_GROUP = 256
+"""Intermediate columns a b12x static-kernel FC2 contribution covers (`_STATIC_RETAINED_GROUP_N`:
+two adjacent 128-column slices)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,7 @@ class MoEPath:
     fc1: Gemm
     fc2: Gemm
     gated: bool
-    round_bf16: bool
+    rounding: str  # CUTLASS_PATH or B12X_PATH: where the kernel rounds to bf16 (module doc)
 
 
 def quantize_activation(
@@ -111,11 +123,30 @@ def _gemm(x: torch.Tensor, g: Gemm, e: int, round_bf16: bool) -> torch.Tensor:
     return _bf16(exact_matmul(xq, w) * g.alpha[e], round_bf16)
 
 
-def expert_forward(path: MoEPath, x: torch.Tensor, e: int) -> torch.Tensor:
-    """One expert on its tokens `x` `[t, H]`: FC1, activation, FC2 (float32 `[t, H]`)."""
-    h = _gemm(x, path.fc1, e, path.round_bf16)
-    a = _bf16(activation(h, path.gated), path.round_bf16)
-    return _gemm(a, path.fc2, e, path.round_bf16)
+def expert_forward(
+    path: MoEPath, x: torch.Tensor, e: int, route_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One expert on its tokens `x` `[t, H]`: FC1, activation, FC2 (float32 `[t, H]`).
+
+    CUTLASS path: the expert's output (the caller weights and sums). b12x path: the weighted
+    contribution `route_weight` `[t]` gives, as the static kernel forms it (module doc).
+    """
+    cutlass = path.rounding == CUTLASS_PATH
+    h = _gemm(x, path.fc1, e, cutlass)
+    a = _bf16(activation(h, path.gated), True)
+    if cutlass:
+        return _gemm(a, path.fc2, e, True)
+    if route_weight is None:
+        raise ValueError("the b12x path forms weighted contributions: pass route_weight")
+    g = path.fc2
+    aq = quantize_activation(a, g.act_scale[e], g.act_scale_is_divisor)
+    w = nvfp4.block_values(g.weight[e], g.scale[e])
+    scale = _bf16(route_weight.to(torch.float32) * g.alpha[e], True).unsqueeze(-1)
+    out = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32)
+    for c in range(0, w.shape[1], B12X_GROUP):
+        part = _bf16(exact_matmul(aq[:, c : c + B12X_GROUP], w[:, c : c + B12X_GROUP]), True)
+        out += _bf16(part * scale, True)
+    return out
 
 
 def moe_forward(
@@ -126,14 +157,16 @@ def moe_forward(
     ids = topk_ids.to(torch.int64)
     y = torch.zeros(tokens, k, x.shape[1], dtype=torch.float32)
     xf = x.to(torch.float32).cpu()
+    w = topk_weights.to(torch.float32).cpu()
+    b12x = path.rounding == B12X_PATH
     for e in ids[ids >= 0].unique().tolist():
         t_idx, slot = (ids.cpu() == e).nonzero(as_tuple=True)
-        y[t_idx, slot] = expert_forward(path, xf[t_idx], e)
-    w = topk_weights.to(torch.float32).cpu()
+        route = w[t_idx, slot] if b12x else None
+        y[t_idx, slot] = expert_forward(path, xf[t_idx], e, route)
     out = torch.zeros(tokens, x.shape[1], dtype=torch.float32)
     for j in range(k):
         live = (ids[:, j] >= 0).cpu()
-        out[live] = out[live] + w[live, j : j + 1] * y[live, j]
+        out[live] = out[live] + (y[live, j] if b12x else w[live, j : j + 1] * y[live, j])
     return out.to(torch.bfloat16).to(x.device)
 
 
@@ -191,7 +224,7 @@ def cutlass_path(t: dict[str, torch.Tensor], geom: Geometry) -> MoEPath:
         _per_expert(t["cutlass.fc2_act_global"].cpu(), e),
         False,
     )
-    return MoEPath(fc1, fc2, geom.gated, round_bf16=True)
+    return MoEPath(fc1, fc2, geom.gated, rounding=CUTLASS_PATH)
 
 
 def b12x_path(t: dict[str, torch.Tensor], geom: Geometry, mode: str) -> MoEPath:
@@ -216,4 +249,4 @@ def b12x_path(t: dict[str, torch.Tensor], geom: Geometry, mode: str) -> MoEPath:
     fc2 = Gemm(
         w2, s2, t["b12x.w2_alpha"].cpu(), _per_expert(t["b12x.fc2_input_scale"].cpu(), e), True
     )
-    return MoEPath(fc1, fc2, geom.gated, round_bf16=False)
+    return MoEPath(fc1, fc2, geom.gated, rounding=B12X_PATH)

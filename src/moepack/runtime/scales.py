@@ -2,8 +2,12 @@
 
 Notation (per MoE layer, E experts): `s13[e]`, `s2[e]` are ModelOpt `input_scale` of FC1
 (`up_proj`, or gate/up) and FC2 (`down_proj`); `ws2_13[e]`, `ws2_2[e]` their `weight_scale_2`.
-The kernels quantize each activation with one scale per layer, the max over experts:
-`a13 = max_e s13[e]`, `a2 = max_e s2[e]`. A GEMM output is `alpha[e] * sum(x_q * w_q)` where
+Both kernels would accept per-expert activation scales (CUTLASS reads a 1-D activation scale
+as per-expert; b12x takes `input_global_scale` as a scalar or `[E]` in FlashInfer 0.7.x, and
+`fc2_input_scale` too from 0.7.4 on); moepack chooses one scale per layer,
+the max over experts, as vLLM and TensorRT-LLM do: `a13 = max_e s13[e]`, `a2 = max_e s2[e]`.
+The max never clips an expert's calibrated range (a smaller per-expert scale would only give
+that expert finer steps), and it keeps one 0-d scalar per GEMM for both paths. A GEMM output is `alpha[e] * sum(x_q * w_q)` where
 `x_q`, `w_q` are E2M1 codes times their E4M3 block scales, so `alpha[e] = a * ws2[e]`.
 
 All results are float32, contiguous; per-expert vectors are `[E]`, layer scalars 0-d: CUTLASS
