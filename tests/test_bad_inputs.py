@@ -452,7 +452,7 @@ def _sizes_printed(ctx: Ctx) -> Outcome:
 def _human_sizes(ctx: Ctx, _: Outcome) -> None:
     for text in ctx.notes["texts"]:
         assert not re.search(r"\b0\.0+ [GM]B\b", text), text
-        assert re.search(r"\d+(\.\d+)? KiB", text), text
+        assert re.search(r"\d+(\.\d+)? [KM]iB", text), text
     inspect = ctx.notes["texts"][2]
     # flushed b12x scales come with the count they are out of
     assert re.search(r"b12x scales flushed to zero \d[\d,]* of [\d,]+ \(\d+\.\d+%\)", inspect)
@@ -641,7 +641,7 @@ ROWS: list[Row] = [
         "not enough free space before writing (simulated: patched free-space figure)",
         _little_free_space,
         2,
-        (r"not enough free space", r"writes \d+(\.\d+)? KiB more", r"1\.00 MiB free"),
+        (r"not enough free space", r"writes \d+(\.\d+)? [KM]iB more", r"1\.00 MiB free"),
         after=_no_out_dir,
     ),
     Row(

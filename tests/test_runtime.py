@@ -376,4 +376,4 @@ def test_rejects_unsupported_inputs(by_mode) -> None:
     with pytest.raises(ValueError, match="pre-quantized FP4"):
         moe(torch.zeros(3, 32, dtype=torch.uint8), ids, w)
     with pytest.raises(ValueError, match="int32"):
-        moe(inputs(3, 64, 0), ids.long(), w)
+        moe(inputs(3, moe.spec.geometry.hidden, 0), ids.long(), w)

@@ -47,9 +47,9 @@ class SyntheticSpec:
 def default_spec(variant: str, **overrides: Any) -> SyntheticSpec:
     """Tiny geometry whose intermediate size is not a multiple of the 256 padding tile."""
     base = {
-        "super": SyntheticSpec("super", 96, 64, 80, 8, 2, "ME*E"),
-        "nano": SyntheticSpec("nano", 64, 64, 32, 6, 2, "EM*E"),
-        "gated": SyntheticSpec("gated", 64, 64, 48, 4, 2, "EE"),
+        "super": SyntheticSpec("super", 192, 128, 80, 8, 2, "ME*E"),
+        "nano": SyntheticSpec("nano", 128, 128, 32, 6, 2, "EM*E"),
+        "gated": SyntheticSpec("gated", 128, 128, 48, 4, 2, "EE"),
     }
     if variant not in base:
         raise UsageError(f"unknown synthetic variant {variant!r}; choose from {VARIANTS}")

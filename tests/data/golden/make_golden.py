@@ -28,15 +28,15 @@ from moepack.convert.pipeline import convert_checkpoint
 HERE = Path(__file__).resolve().parent
 
 CASES: dict[str, tuple[synthetic.SyntheticSpec, dict[str, Any]]] = {
-    # relu2 (non-gated) with a latent MoE (H=16 < hidden 32), three experts, baked b12x scales,
+    # relu2 (non-gated) with a latent MoE (H=128 < hidden 256), three experts, baked b12x scales,
     # pass-through included: every tensor kind and both file kinds of a full artifact.
     "relu2-baked": (
-        synthetic.SyntheticSpec("super", 32, 16, 32, 3, 2, "E", shards=1, seed=11),
+        synthetic.SyntheticSpec("super", 256, 128, 32, 3, 2, "E", shards=1, seed=11),
         {"b12x_scales": "baked", "target": "sm120"},
     ),
     # gated (SwiGLU, [up; gate] halves each padded), shared b12x scales, MoE layers only.
     "gated-shared": (
-        synthetic.SyntheticSpec("gated", 32, 32, 16, 2, 1, "E", shards=1, seed=12),
+        synthetic.SyntheticSpec("gated", 128, 128, 16, 2, 1, "E", shards=1, seed=12),
         {"b12x_scales": "shared", "target": "sm121", "moe_only": True},
     ),
 }
