@@ -311,19 +311,28 @@ def _write_layer(
     meta: dict[str, str],
     hashes: ThreadPoolExecutor | None,
 ) -> tuple[WrittenFile, Future[tuple[str, list[str]]] | None]:
-    """Write a layer file; hash it as it is written (`hashes` None) or, once it is on disk,
-    on the `hashes` pool (its memory is then freed at the disk's pace)."""
+    """Write a layer file and return once its bytes are in the page cache (its memory freed).
+    With a `hashes` pool, the fsync, the rename and the hash-back run there, so the next
+    layer's write starts while this file reaches the disk; without, it is hashed as written."""
     t0 = time.perf_counter()
-    written = write_safetensors(out, rel, tensors, meta, release=True, digest=hashes is None)
-    log.info(
-        "%s written in %.2fs (%s)",
-        rel,
-        time.perf_counter() - t0,
-        "hashed" if hashes is None else "hash follows",
-    )
     if hashes is None:
+        written = write_safetensors(out, rel, tensors, meta, release=True)
+        log.info("%s written and hashed in %.2fs", rel, time.perf_counter() - t0)
         return written, None
-    return written, hashes.submit(_timed_sha256, out / rel, rel)
+    finish: list[Callable[[], None]] = []
+    written = write_safetensors(
+        out, rel, tensors, meta, release=True, digest=False, deferred=finish
+    )
+    log.info("%s handed to the page cache in %.2fs", rel, time.perf_counter() - t0)
+
+    def complete() -> tuple[str, list[str]]:
+        t1 = time.perf_counter()
+        for step in finish:  # fsync, rename, fsync the directory
+            step()
+        log.info("%s on disk %.2fs later", rel, time.perf_counter() - t1)
+        return _timed_sha256(out / rel, rel)
+
+    return written, hashes.submit(complete)
 
 
 def _timed_sha256(path: Path, rel: str) -> tuple[str, list[str]]:

@@ -131,11 +131,15 @@ class _Sink:
 
 
 @contextmanager
-def atomic_open(final: Path, size: int | None = None) -> Iterator[BinaryIO]:
+def atomic_open(
+    final: Path, size: int | None = None, deferred: list[Callable[[], None]] | None = None
+) -> Iterator[BinaryIO]:
     """Yield a binary file at a temporary name; on success fsync it and rename it to `final`.
 
     A full disk (ENOSPC, EDQUOT) becomes a `DiskSpaceError` naming `final` and its `size`
     (when the caller knows it) instead of bare errno text; the temporary file is removed.
+    With `deferred`, the fsync and rename are appended to it as one callable instead of run here
+    (same order, same errors): the caller can write the next file while this one reaches disk.
     """
     tmp = final.with_name(final.name + TMP_SUFFIX)
     try:
@@ -143,7 +147,31 @@ def atomic_open(final: Path, size: int | None = None) -> Iterator[BinaryIO]:
         with open(tmp, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if deferred is None:
+                os.fsync(f.fileno())
+        if deferred is not None:
+            deferred.append(lambda: _finish(tmp, final, size))
+            return
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(final, size, exc) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finish(tmp: Path, final: Path, size: int | None) -> None:
+    """The end of `atomic_open` for a file written with `deferred`: fsync, rename, fsync dir."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # fsync is per file: this fd flushes what the writer's fd wrote
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     except OSError as exc:
@@ -256,6 +284,7 @@ def write_safetensors(
     *,
     release: bool = False,
     digest: bool = True,
+    deferred: list[Callable[[], None]] | None = None,
 ) -> WrittenFile:
     """Write a safetensors file atomically, hashing as it goes (no second read).
 
@@ -274,7 +303,10 @@ def write_safetensors(
     listing.pop("__metadata__", None)
     zeros = bytes(ALIGNMENT)
     size = len(header) + sum(i if isinstance(i, int) else i.nbytes for _, i in plan)
-    with _Hasher() if digest else _NoHasher() as hasher, atomic_open(root / relpath, size) as f:
+    with (
+        _Hasher() if digest else _NoHasher() as hasher,
+        atomic_open(root / relpath, size, deferred) as f,
+    ):
         out = _Sink(f, hasher)
         out.write(header)
         for i, (name, item) in enumerate(plan):
