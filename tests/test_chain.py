@@ -107,17 +107,3 @@ def test_version_1_artifacts_still_load_and_verify(
     m["files"][0]["sha256_chain"] = {"chunk_size": 4096, "states": []}  # a v2 field in v1
     (out / "manifest.json").write_text(json.dumps(m, indent=2))
     assert verify_artifact(out, quick=True).exit_code == 2
-
-
-GOLDEN_V1 = Path(__file__).resolve().parent / "data" / "golden-v1"
-
-
-@pytest.mark.parametrize("case", sorted(p.name for p in GOLDEN_V1.iterdir()))
-def test_version_1_golden_artifacts_verify_and_load(case: str) -> None:
-    """The golden artifacts as version 1 wrote them (FORMAT.md section 10) stay readable."""
-    art = GOLDEN_V1 / case / "artifact"
-    assert json.loads((art / "manifest.json").read_text())["format_version"] == 1
-    report = verify_artifact(art)
-    assert report.exit_code == 0, report.format_text()
-    loaded = load(art, device="cpu", backend="reference")
-    assert loaded.manifest.format_version == 1 and loaded.moe_layers

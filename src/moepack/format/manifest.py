@@ -14,6 +14,7 @@ from typing import Any
 from moepack.errors import ManifestError
 
 from .constants import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from .flashinfer import copy_free_releases
 from .specs import Geometry
 
 
@@ -180,11 +181,16 @@ class KernelAbi:
     prefill_min_tokens: int
 
     @classmethod
-    def from_json(cls, o: dict[str, Any]) -> KernelAbi:
+    def from_json(cls, o: dict[str, Any], intermediate_padded: int) -> KernelAbi:
+        """`intermediate_padded` derives `flashinfer_copy_free` where a version-1 manifest,
+        written before moepack recorded it, omits it: which releases copy depends only on it."""
+        listed = o.get("flashinfer_copy_free")
         return cls(
             flashinfer=o["flashinfer"],
             pad_tile=o["pad_tile"],
-            flashinfer_copy_free=tuple(o["flashinfer_copy_free"]),
+            flashinfer_copy_free=(
+                copy_free_releases(intermediate_padded) if listed is None else tuple(listed)
+            ),
             sf_block=o["sf_block"],
             sf_layout=o["sf_layout"],
             w13_order=tuple(o["w13_order"]),
@@ -406,7 +412,7 @@ class Manifest:
             target=o["target"],
             model=ModelInfo.from_json(o["model"]),
             b12x_scale_mode=o["b12x_scale_mode"],
-            kernel_abi=KernelAbi.from_json(o["kernel_abi"]),
+            kernel_abi=KernelAbi.from_json(o["kernel_abi"], o["model"]["intermediate_size_padded"]),
             layers=tuple(LayerRecord.from_json(x) for x in o["layers"]),
             files=tuple(FileRecord.from_json(x) for x in o["files"]),
             complete=o["complete"],

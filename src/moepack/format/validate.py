@@ -257,7 +257,14 @@ def _consistency_errors(m: dict[str, Any]) -> list[str]:
             f"manifest.model.intermediate_size_padded: expected {padded_intermediate(n, tile)} "
             f"for n={n} and kernel_abi.pad_tile={tile}, found {n_p}"
         )
-    errors += _copy_free_errors(n_p, m["kernel_abi"]["flashinfer_copy_free"])
+    listed = m["kernel_abi"].get("flashinfer_copy_free")
+    if listed is not None:
+        errors += _copy_free_errors(n_p, listed)
+    elif m["format_version"] >= 2:
+        errors.append(
+            "manifest.kernel_abi: required key 'flashinfer_copy_free' is missing "
+            "(format_version 2 records it; only version-1 manifests may omit it)"
+        )
     return errors
 
 

@@ -100,6 +100,15 @@ def byte_map(path: Path) -> str:
     return "\n".join(lines)
 
 
+def repo_relative_source(case: str) -> None:
+    """The manifest records the absolute source directory it was converted from; the committed
+    copy names it relative to the repository instead, so no developer's path is committed."""
+    manifest = artifact_dir(case) / "manifest.json"
+    m = json.loads(manifest.read_text(encoding="utf-8"))
+    m["source"]["path"] = source_dir(case).relative_to(HERE.parents[2]).as_posix()
+    manifest.write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
+
+
 def byte_map_file() -> Path:
     return artifact_dir(BYTE_MAP_CASE) / "moe" / "layer-00000.safetensors"
 
@@ -112,6 +121,7 @@ def main() -> int:
         shutil.rmtree(HERE / case, ignore_errors=True)
         write_source(case)
         convert(case, artifact_dir(case))
+        repo_relative_source(case)
         size = sum(p.stat().st_size for p in (HERE / case).rglob("*") if p.is_file())
         print(f"{case}: {size} bytes")
     print(f"byte map of {byte_map_file().relative_to(HERE)} (FORMAT.md section 3):")
