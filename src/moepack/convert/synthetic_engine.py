@@ -47,7 +47,7 @@ class EngineSpec:
     num_experts: int = 8
     top_k: int = 2
     intermediate: int = 80  # not a multiple of 128: the converter pads it
-    latent: int = 64  # nemotron-h only
+    latent: int = 128  # nemotron-h only; a multiple of 128 (b12x W4A4)
     shared_intermediate: int = 96  # nemotron-h only
     pattern: str = "EE"  # nemotron-h: M mamba, * attention, E MoE
     mamba_heads: int = 4
