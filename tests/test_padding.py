@@ -193,6 +193,18 @@ def test_cli_pad_tile(tmp_path, checkpoints) -> None:
     assert m.kernel_abi.pad_tile == 128 and m.model.intermediate_size_padded == 128
 
 
+def test_convert_refuses_a_hidden_size_b12x_cannot_tile(tmp_path) -> None:
+    """FlashInfer's W4A4 b12x kernels need the MoE hidden size in full 128-wide tiles (0.7.4's
+    wrapper refuses anything else): convert says so before writing an artifact."""
+    from moepack.errors import CheckpointError
+
+    spec = synthetic.default_spec("gated", hidden=64, moe_hidden=64)
+    ckpt = synthetic.write_checkpoint(tmp_path / "ckpt", spec)
+    with pytest.raises(CheckpointError, match="MoE hidden size 64 is not a multiple of 128"):
+        convert_checkpoint(ckpt, tmp_path / "out", moe_only=True)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_flashinfer_refuses_that_hidden_size_too() -> None:
     """The rule is FlashInfer's own where the installed release states it (0.7.4)."""
     from flashinfer.fused_moe.cute_dsl.blackwell_sm12x import moe_dispatch

@@ -60,6 +60,11 @@ class _Proj:
     input_scale: torch.Tensor  # float32 [E]
 
 
+B12X_HIDDEN_TILE = 128
+"""The b12x W4A4 kernels' hidden tile (`_LEVEL_TILE_N`; FlashInfer 0.7.4
+`_validate_w4a4_dimensions`: Q0/A staging and the FC2 epilogue need full hidden tiles)."""
+
+
 def geometry_of(ckpt: Checkpoint, moe: MoELayer, pad_tile: int = layout.PAD_TILE) -> Geometry:
     """Layer geometry from expert 0's headers (every expert is checked against it while
     loading), the intermediate size padded to `pad_tile`."""
@@ -81,6 +86,14 @@ def geometry_of(ckpt: Checkpoint, moe: MoELayer, pad_tile: int = layout.PAD_TILE
     if hidden % 16 or n % 16:
         raise CheckpointError(
             f"{moe.prefix}: hidden {hidden} and intermediate {n} must be multiples of 16",
+            tensor=moe.tensor(0, "up", "weight"),
+        )
+    if hidden % B12X_HIDDEN_TILE:
+        raise CheckpointError(
+            f"{moe.prefix}: MoE hidden size {hidden} is not a multiple of {B12X_HIDDEN_TILE}: the "
+            "b12x W4A4 kernels need full 128-wide hidden tiles (FlashInfer 0.7.4's "
+            "B12xMoEWrapper refuses it: 'hidden-dimension tails are not supported'), so no "
+            "SM12x decode path could serve this artifact",
             tensor=moe.tensor(0, "up", "weight"),
         )
     return Geometry(moe.num_experts, hidden, n, layout.padded_intermediate(n, pad_tile), moe.gated)
