@@ -142,7 +142,7 @@ def atomic_open(
     (same order, same errors): the caller can write the next file while this one reaches disk.
     """
     tmp = final.with_name(final.name + TMP_SUFFIX)
-    try:
+    with _removed_on_failure(tmp, final, size):
         final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             yield f
@@ -154,6 +154,14 @@ def atomic_open(
             return
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+
+
+@contextmanager
+def _removed_on_failure(tmp: Path, final: Path, size: int | None) -> Iterator[None]:
+    """On any failure remove the temporary file, so nothing half-written stays behind; a full
+    disk (ENOSPC, EDQUOT) becomes a `DiskSpaceError` naming `final`."""
+    try:
+        yield
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -166,7 +174,7 @@ def atomic_open(
 
 def _finish(tmp: Path, final: Path, size: int | None) -> None:
     """The end of `atomic_open` for a file written with `deferred`: fsync, rename, fsync dir."""
-    try:
+    with _removed_on_failure(tmp, final, size):
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # fsync is per file: this fd flushes what the writer's fd wrote
@@ -174,14 +182,6 @@ def _finish(tmp: Path, final: Path, size: int | None) -> None:
             os.close(fd)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(final, size, exc) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:
