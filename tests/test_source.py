@@ -55,13 +55,18 @@ def test_hub_conversion_reads_and_downloads_each_file_once(
             cache_dir=tmp_path / "cache",
             token=False,
         )
-        gets = Counter(
-            r.path.rsplit("/", 1)[-1]
-            for r in hub.requests
-            if r.method == "GET" and "/resolve/" in r.path
+        resolves = [r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path]
+        gets = Counter(r.path.rsplit("/", 1)[-1] for r in resolves if r.range is None)
+        # Besides the one download of each file: one ranged read of each shard's header
+        # (planning needs them before the shards are there), never more than its first bytes.
+        ranged = Counter(r.path.rsplit("/", 1)[-1] for r in resolves if r.range is not None)
+        assert all(
+            r.range == f"bytes=0-{source.HEAD_READ - 1}" for r in resolves if r.range is not None
         )
     assert {name: reads[name] for name in CONFIGS} == dict.fromkeys(CONFIGS, 1)
     assert gets and max(gets.values()) == 1, gets
+    assert set(ranged) == {n for n in gets if n.endswith(".safetensors")}, ranged
+    assert max(ranged.values()) == 1, ranged
 
 
 @pytest.mark.usefixtures("isolated_hf")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -109,13 +109,27 @@ def weight_map_of(root: Path, header: Callable[[str], Header]) -> dict[str, str]
     raise CheckpointError(f"{root}: neither {INDEX} nor {SINGLE}", path=root)
 
 
+class Files(Protocol):
+    """Where a checkpoint's files come from (`moepack.convert.source.Source`): local paths on
+    demand (a hub source waits for a file's download), and the headers, sizes and pass-through
+    list that planning needs before the bytes are there."""
+
+    def path(self, name: str) -> Path: ...
+
+    def header(self, name: str) -> Header: ...
+
+    def size(self, name: str) -> int: ...
+
+    def pass_through_files(self) -> list[str]: ...
+
+
 class Checkpoint:
     """A checkpoint's tensors, read lazily, one file handle per shard.
 
     Standing alone, `Checkpoint(root)` reads a local directory's config, quant config and index.
     `moepack.convert.source.Source` builds it from what it has already parsed (`config`,
-    `quant`, `weight_map`), with `file_path` handing out each file's local path on demand (a hub
-    source fetches a shard the first time it is asked for), so nothing is read twice.
+    `quant`, `weight_map`), handing out the files themselves as `files`, so nothing is read
+    twice.
     """
 
     def __init__(
@@ -125,12 +139,12 @@ class Checkpoint:
         config: dict[str, Any] | None = None,
         quant: QuantConfig | None = None,
         weight_map: dict[str, str] | None = None,
-        file_path: Callable[[str], Path] | None = None,
+        files: Files | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise CheckpointError(f"{self.root}: not a directory")
-        self._file_path = file_path
+        self._source = files
         self.config = read_json(self.root / "config.json") if config is None else config
         self.quant = load_quant_config(self.root, self.config) if quant is None else quant
         # The caches exist before the weight map is built: a single-file checkpoint's map is
@@ -143,7 +157,13 @@ class Checkpoint:
 
     def path(self, name: str) -> Path:
         """The local path of the checkpoint file `name` (fetched first if the source must)."""
-        return self._file_path(name) if self._file_path is not None else self.root / name
+        return self._source.path(name) if self._source is not None else self.root / name
+
+    def size(self, name: str) -> int:
+        """The size of the checkpoint file `name` (known before a hub source fetches it)."""
+        return (
+            self._source.size(name) if self._source is not None else self.path(name).stat().st_size
+        )
 
     @property
     def shards(self) -> list[str]:
@@ -152,7 +172,11 @@ class Checkpoint:
     def header(self, shard: str) -> Header:
         if shard not in self._headers:
             try:
-                self._headers[shard] = read_header(self.path(shard))
+                self._headers[shard] = (
+                    read_header(self.path(shard))
+                    if self._source is None
+                    else self._source.header(shard)
+                )
             except HeaderError as exc:
                 raise CheckpointError(str(exc)) from None
         return self._headers[shard]
@@ -180,10 +204,10 @@ class Checkpoint:
                 found=exc.found,
             ) from None
 
-    def locate(self, name: str) -> tuple[int, TensorEntry]:
-        """An open file descriptor of the shard holding `name` and its header entry (absolute
-        byte range), so that callers can read a tensor's bytes straight into their own buffers;
-        errors name shard and tensor."""
+    def entry(self, name: str) -> TensorEntry:
+        """The header entry (dtype, shape, absolute byte range) of tensor `name`, from its
+        shard's header alone (a hub source need not have the shard yet); errors name shard and
+        tensor."""
         shard = self.weight_map.get(name)
         if shard is None:
             raise CheckpointError(
@@ -202,6 +226,13 @@ class Checkpoint:
                 path=self.root / shard,
                 tensor=name,
             )
+        return entry
+
+    def locate(self, name: str) -> tuple[int, TensorEntry]:
+        """An open file descriptor of the shard holding `name` and its header entry, so that
+        callers can read a tensor's bytes straight into their own buffers."""
+        entry = self.entry(name)
+        shard = self.weight_map[name]
         if shard not in self._files:
             self._files[shard] = open(self.path(shard), "rb")  # noqa: SIM115 (closed in close())
         return self._files[shard].fileno(), entry
@@ -223,6 +254,8 @@ class Checkpoint:
         return data.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
 
     def pass_through_files(self) -> list[str]:
+        if self._source is not None:
+            return self._source.pass_through_files()
         return self.pass_through_files_of(self.root)
 
     @staticmethod

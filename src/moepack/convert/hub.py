@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,12 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import http_get, is_xet_available, repo_folder_name
-from huggingface_hub.utils import WeakFileLock, build_hf_headers
+from huggingface_hub.utils import (
+    WeakFileLock,
+    build_hf_headers,
+    hf_raise_for_status,
+    http_backoff,
+)
 from tqdm import tqdm
 
 from moepack.errors import HubError
@@ -114,12 +121,28 @@ class HubRepo:
             raise HubError(f"{self._where(filename)} has not been fetched yet")
         return self._sha256[filename]
 
+    def verified(self, filename: str) -> bool:
+        """Whether this object has fetched and verified `filename`."""
+        return filename in self._sha256
+
     def fetch(self, filenames: list[str], *, progress: bool = False) -> dict[str, Path]:
         """Download (or reuse from cache) and verify ``filenames``; return their local paths.
 
         One byte-level progress bar on stderr spans all files (``progress=True``). See the module
         docstring for what resumes across calls and what only within one call.
         """
+        return dict(self.fetch_each(filenames, progress=progress))
+
+    def fetch_each(
+        self,
+        filenames: list[str],
+        *,
+        progress: bool = False,
+        stop: threading.Event | None = None,
+    ) -> Iterator[tuple[str, Path]]:
+        """`fetch`, in order, yielding each file as soon as it is verified (a conversion reads
+        it meanwhile). Setting `stop` ends the iteration within one chunk of the transfer under
+        way; a resumable transfer keeps its bytes in the ``.part`` file for the next call."""
         missing = [name for name in filenames if name not in self.files]
         if missing:
             raise HubError(f"{self._where(missing[0])}: no such file in the repo listing")
@@ -133,7 +156,37 @@ class HubRepo:
             disable=not progress,
         )
         with bar:
-            return {name: self._fetch_one(self.files[name], bar) for name in filenames}
+            for name in filenames:
+                if stop is not None and stop.is_set():
+                    return
+                try:
+                    path = self._fetch_one(self.files[name], _forwarding(bar, stop))
+                except _Stopped:
+                    return
+                yield name, path
+
+    def read_range(self, filename: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file at the pinned commit, in one ranged GET (what a
+        conversion needs of a shard, its header, before the shard is downloaded)."""
+        url = hf_hub_url(self.repo_id, filename, revision=self.commit, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self._token) | {"Range": f"bytes={start}-{end - 1}"}
+        try:
+            response = http_backoff(
+                "GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+            )
+            hf_raise_for_status(response)
+        except Exception as err:  # every failure becomes one readable HubError
+            raise HubError(
+                _scrub(f"cannot read {self._where(filename)}: {_explain(err)}", self._token)
+            ) from err
+        data = response.content
+        if response.status_code == 200:  # the server ignored the range: take the part asked for
+            data = data[start:end]
+        if len(data) != min(end, self.files[filename].size) - start:
+            raise HubError(
+                f"{self._where(filename)}: asked for bytes {start}-{end - 1}, got {len(data)}"
+            )
+        return data
 
     # ------------------------------------------------------------------ internals
     def _where(self, filename: str) -> str:
@@ -143,7 +196,7 @@ class HubRepo:
     def _storage(self) -> Path:
         return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type="model")
 
-    def _fetch_one(self, rf: RemoteFile, bar: tqdm) -> Path:
+    def _fetch_one(self, rf: RemoteFile, bar: type[_ForwardBar]) -> Path:
         """Download, verify, and on mismatch evict and refetch once with force_download."""
         if rf.path in self._sha256:
             return self._pointer(rf)
@@ -160,7 +213,7 @@ class HubRepo:
             f"sha256 {expected}, got {sha256}; the bad copy was removed from the cache"
         )
 
-    def _download(self, rf: RemoteFile, bar: tqdm, *, force: bool) -> Path:
+    def _download(self, rf: RemoteFile, bar: type[_ForwardBar], *, force: bool) -> Path:
         """One attempt: resumable transfer of LFS blobs, then hf_hub_download to link/fetch."""
         try:
             if rf.sha256 is not None and not force:
@@ -173,7 +226,7 @@ class HubRepo:
                 endpoint=self.endpoint,
                 token=self._token,
                 force_download=force,
-                tqdm_class=_forwarding(bar),  # type: ignore[arg-type]
+                tqdm_class=bar,  # type: ignore[arg-type]
             )
         except Exception as err:  # every failure becomes one readable HubError
             reason = _explain(err)
@@ -192,7 +245,7 @@ class HubRepo:
             return f"; {saved} of {rf.size} bytes saved: rerun to resume from there"
         return "; nothing of this file was saved: a rerun downloads it from the start"
 
-    def _resume_lfs_blob(self, rf: RemoteFile, bar: tqdm) -> None:
+    def _resume_lfs_blob(self, rf: RemoteFile, bar: type[_ForwardBar]) -> None:
         """Fill ``blobs/<sha256>`` from a persistent ``.part`` file, resuming where it stopped."""
         assert rf.sha256 is not None
         blob = self._storage / "blobs" / rf.sha256
@@ -213,7 +266,7 @@ class HubRepo:
             if done > rf.size:
                 part.unlink()
                 done = 0
-            bar.update(done)
+            bar.total_bar.update(done)
             # Follows the 302 to the CDN; httpx drops Authorization on the cross-origin hop.
             with part.open("ab") as f:
                 http_get(
@@ -222,7 +275,7 @@ class HubRepo:
                     resume_size=done,
                     headers=build_hf_headers(token=self._token),
                     expected_size=rf.size,
-                    tqdm_class=_forwarding(bar),  # type: ignore[arg-type]
+                    tqdm_class=bar,  # type: ignore[arg-type]
                 )
             os.replace(part, blob)  # verified by the caller; evicted there if wrong
 
@@ -243,20 +296,29 @@ class HubRepo:
             p.unlink(missing_ok=True)
 
 
+class _Stopped(BaseException):
+    """Raised from a progress update to end a transfer when a background download is stopped
+    (a BaseException, so that no ``except Exception`` on the way turns it into a failure)."""
+
+
 class _ForwardBar:
     """Stands in for huggingface_hub's per-file bars (HTTP and hf_xet) and feeds our total bar.
 
     Duck-typed to what http_get and XetDownloadProgressReporter call; ``update_transfer`` on the
-    class makes the Xet reporter use one bar instead of two, so bytes are counted once.
+    class makes the Xet reporter use one bar instead of two, so bytes are counted once. Each
+    update is also where a stopped background download ends its transfer (``stop``).
     """
 
     total_bar: tqdm  # set by _forwarding()
+    stop: threading.Event | None = None
     total: int | None = None
 
     def __init__(self, **_: object) -> None:
         pass
 
     def update(self, n: int) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise _Stopped
         self.total_bar.update(n)
 
     def update_transfer(self, n: int) -> None:
@@ -277,8 +339,8 @@ class _ForwardBar:
         return None
 
 
-def _forwarding(bar: tqdm) -> type[_ForwardBar]:
-    return type("_ForwardBarBound", (_ForwardBar,), {"total_bar": bar})
+def _forwarding(bar: tqdm, stop: threading.Event | None = None) -> type[_ForwardBar]:
+    return type("_ForwardBarBound", (_ForwardBar,), {"total_bar": bar, "stop": stop})
 
 
 def _verify(path: Path, rf: RemoteFile) -> tuple[str, bool]:

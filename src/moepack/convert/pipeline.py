@@ -360,9 +360,11 @@ def _layer_files(
     device: str,
     exact_fidelity: bool = False,
     pad_tile: int = fmt.PAD_TILE,
+    download: Callable[[list[MoELayer]], None] | None = None,
 ) -> Iterator[tuple[MoELayer, dict[str, Any]]]:
     """Convert and write each layer, yielding its record (in layer order) once its file is in
-    place and hashed.
+    place and hashed. `download` starts a hub source's background download, told the layers
+    still to convert once the finished ones are known.
 
     One write is in flight at a time: layer L's fidelity is measured, and layer L+1 read and
     converted, while layer L's file is written (about two layers resident at peak). Written
@@ -377,6 +379,8 @@ def _layer_files(
         inflight: deque[_InFlight] = deque()
         kept = {moe.layer: state.reusable(fmt.layer_file(moe.layer)) for moe in layers}
         todo = [moe for moe in layers if kept[moe.layer] is None]
+        if download is not None:
+            download(todo)
         try:
             for moe in layers:
                 rel = fmt.layer_file(moe.layer)
@@ -520,7 +524,7 @@ def _plan(
             meta = ckpt.header(shard).metadata or None
             plan[f"{fmt.MODEL_DIR}/{shard}"] = planned_safetensors_size(specs, meta, align=False)
         for name in ckpt.pass_through_files():
-            plan[f"{fmt.MODEL_DIR}/{name}"] = ckpt.path(name).stat().st_size
+            plan[f"{fmt.MODEL_DIR}/{name}"] = ckpt.size(name)
         plan[f"{fmt.MODEL_DIR}/{INDEX}"] = 128 * len(ckpt.weight_map) + 1024
     plan[fmt.MANIFEST] = 4096 + 1024 * len(plan)
     return plan
@@ -587,9 +591,9 @@ def convert_checkpoint(
     origin = open_source(str(source), revision, progress, **hub)
     check_not_source(out, origin.root)
     layers = origin.moe_layers  # refused here, before a hub source's weights are downloaded
-    src = origin.record(moe_only, defer_hashes=True)  # a hub source downloads here
+    src = origin.record(moe_only, defer_hashes=True)
     if (out / fmt.MANIFEST).exists() or (out / STATE).exists():
-        src.settle()  # a finished or interrupted job there is matched by the source hashes
+        src.files()  # a finished or interrupted job there is matched by the source hashes
     ckpt = origin.checkpoint()
     try:
         with ckpt.naming_shards():
@@ -621,6 +625,7 @@ def convert_checkpoint(
                             device,
                             t0,
                             exact_fidelity,
+                            lambda todo: origin.download(todo, moe_only),
                         )
                     except BaseException:
                         prune_empty(out, False, (fmt.MOE_DIR, fmt.MODEL_DIR, PARTIAL))
@@ -632,6 +637,7 @@ def convert_checkpoint(
                         parent.rmdir()
                 raise
     finally:
+        origin.close()
         ckpt.close()
 
 
@@ -647,14 +653,15 @@ def _convert_locked(
     device: str,
     t0: float,
     exact_fidelity: bool = False,
+    download: Callable[[list[MoELayer]], None] | None = None,
 ) -> dict[str, Any]:
     """The job, with `out`'s lock held: claim the directory, keep what checks out, write the
-    rest, then the manifest."""
+    rest, then the manifest. `download` starts a hub source's download (`_layer_files`)."""
     moe_only, b12x_scales = fingerprint["moe_only"], fingerprint["b12x_scales"]
     state = _State(
         out,
         fingerprint,
-        None if src.pending is None else lambda: fingerprint.update(source=src.settle()["files"]),
+        None if src.record["files"] is not None else lambda: fingerprint.update(source=src.files()),
     )
     existing = _existing_manifest(out)
     ours = set(plan) | state.recorded | _listed(existing) | ({fmt.MANIFEST} if existing else set())
@@ -708,6 +715,7 @@ def _convert_locked(
             device,
             exact_fidelity,
             fingerprint["pad_tile"],
+            download,
         ):
             geos.append(Geometry(**rec["geometry"]))
             files.append(rec["file"])

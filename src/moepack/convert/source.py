@@ -8,7 +8,8 @@ downstream (the MoE layer scan, the tensor reader, the manifest's source record,
 
     src = open_source("nemotron-super-nvfp4")   # hub: config + quant config fetched and read
     src.moe_layers                              # hub: the index fetched, layers found
-    src.record(moe_only)                        # hub: weights fetched; the manifest's record
+    src.record(moe_only)                        # the manifest's record (hub: from the listing)
+    src.download(todo, moe_only)                # hub: all files, in the background, layer by layer
     ckpt = src.checkpoint()                     # tensors, over the same parsed config
 """
 
@@ -24,8 +25,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moepack.errors import SourceError, UsageError
-from moepack.format.header import Header, read_header
+from moepack.errors import HubError, SourceError, UsageError
+from moepack.format.header import Header, header_length, parse_header, read_header
 from moepack.recipes import resolve_alias
 from moepack.runtime.verify import sha256_file
 
@@ -42,27 +43,42 @@ from .checkpoint import (
     weight_map_of,
 )
 from .moe_layers import MoELayer, check_supported_config, find_moe_layers
+from .prefetch import Prefetch, download_order
 
 if TYPE_CHECKING:
     from .hub import HubRepo
 
 CONFIG = "config.json"
+HEAD_READ = 64 * 1024
+"""Bytes of a remote shard asked for first to read its header (a second request gets the rest
+of a longer one)."""
 
 
 @dataclass
 class SourceRecord:
     """What the manifest records about where the checkpoint came from (`root`: where its files
-    are on local disk); a local source's file hashes may still be computing (`settle` waits)."""
+    are on local disk). Its `files` may not be settled yet: a local source's hashes may still
+    be computing, a hub source's downloads still verifying (`settle` waits)."""
 
     root: Path
     record: dict[str, Any]
-    pending: Future[list[dict[str, Any]]] | None = None
-    """A local source's file hashes while they are still being computed (in the background)."""
+    pending: Callable[[], list[dict[str, Any]]] | None = None
+    """Waits for the record's `files` and returns them (re-raising the hashing's or the
+    download's error)."""
+
+    def files(self) -> list[dict[str, Any]]:
+        """The files with their sha256, as the job's fingerprint needs them: a hub source's
+        are known from the listing (each download is verified against it); a local one's
+        hashing is waited for."""
+        if self.record["files"] is None:
+            self.settle()
+        files: list[dict[str, Any]] = self.record["files"]
+        return files
 
     def settle(self) -> dict[str, Any]:
-        """The record, its `files` hashed (waits for background hashing, re-raising its error)."""
+        """The record, every file hashed or downloaded and verified (waits for that)."""
         if self.pending is not None:
-            self.record["files"] = self.pending.result()
+            self.record["files"] = self.pending()
             self.pending = None
         return self.record
 
@@ -86,6 +102,9 @@ class Source:
         check_supported_config(self.config)
         self.quant: QuantConfig = load_quant_config(self.root, self.config)
         self._headers: dict[str, Header] = {}
+        self._remote_headers: set[str] = set()
+        """Headers read by a ranged request, not yet compared with the verified file."""
+        self._prefetch: Prefetch | None = None
 
     @property
     def kind(self) -> str:
@@ -106,26 +125,76 @@ class Source:
             self.repo.fetch(names, progress=self.progress if progress is None else progress)
 
     def path(self, name: str) -> Path:
-        """The local path of file `name`, fetched first if this source must."""
-        self.fetch([name], progress=False)
+        """The local path of file `name`. A hub source first waits for its background download
+        (`download`) or fetches it now, and checks that a header read before the file was
+        there is the verified file's."""
+        if self.repo is not None:
+            if self._prefetch is not None and name in self._prefetch:
+                self._prefetch.wait(name)
+            else:
+                self.fetch([name], progress=False)
+            if name in self._remote_headers:
+                if read_header(self.root / name) != self._headers[name]:
+                    raise HubError(
+                        f"{self.repo.repo_id}@{self.repo.commit[:12]}: '{name}' as downloaded "
+                        "has another header than the ranged read of it returned",
+                        path=name,
+                    )
+                self._remote_headers.discard(name)
         return self.root / name
 
-    def _header(self, name: str) -> Header:
+    def header(self, name: str) -> Header:
+        """A safetensors file's header. A hub source reads that of a file it has not fetched
+        with a ranged request: planning a conversion needs every shard's header first."""
         if name not in self._headers:
-            self._headers[name] = read_header(self.path(name))
+            if self.repo is None or self.repo.verified(name):
+                self._headers[name] = read_header(self.path(name))
+            else:
+                self._headers[name] = self._remote_header(name)
+                self._remote_headers.add(name)
         return self._headers[name]
+
+    def _remote_header(self, name: str) -> Header:
+        assert self.repo is not None
+        size, path = self.repo.files[name].size, self.root / name
+        head = self.repo.read_range(name, 0, min(size, HEAD_READ))
+        end = 8 + header_length(path, head, size)
+        if end > len(head):
+            head += self.repo.read_range(name, len(head), end)
+        return parse_header(path, head, size)
+
+    def size(self, name: str) -> int:
+        """A file's size in bytes (a hub source's from the listing, before it is fetched)."""
+        return (
+            (self.root / name).stat().st_size if self.repo is None else self.repo.files[name].size
+        )
+
+    def download(self, layers: list[MoELayer], moe_only: bool) -> None:
+        """Start downloading every file of the job in the background, in the order that lets
+        `layers` (those still to convert, in conversion order) complete early; `path` waits
+        for each. A no-op for a local source."""
+        if self.repo is None or self._prefetch is not None:
+            return
+        order = download_order(self.files(moe_only), self.weight_map, layers)
+        todo = [name for name in order if not self.repo.verified(name)]
+        self._prefetch = Prefetch(self.repo, todo, self.progress)
+
+    def close(self) -> None:
+        """Stop a background download (a rerun resumes it)."""
+        if self._prefetch is not None:
+            self._prefetch.stop()
 
     # -- what the checkpoint holds (each read once) -----------------------------------------
 
     @cached_property
     def weight_map(self) -> dict[str, str]:
         """Tensor name -> shard. A hub source fetches only the index for it (or, for a
-        single-file checkpoint, that one file)."""
+        single-file checkpoint, reads that file's header)."""
         if self._has(INDEX):
             self.fetch([INDEX], progress=False)
         elif self._has(SINGLE):
-            self.fetch([SINGLE])
-        return weight_map_of(self.root, self._header)
+            return dict.fromkeys(self.header(SINGLE).tensors, SINGLE)
+        return weight_map_of(self.root, self.header)
 
     @cached_property
     def moe_layers(self) -> list[MoELayer]:
@@ -149,9 +218,11 @@ class Source:
 
     def record(self, moe_only: bool, defer_hashes: bool = False) -> SourceRecord:
         """The manifest's `source` record: where from, and the size and sha256 of every file
-        the job reads. A hub source downloads them now (verified against the Hub listing as
-        they arrive); a local one hashes them, in the background with `defer_hashes` (a fresh
-        conversion reads and converts layers meanwhile instead of waiting ~0.3 s a GB)."""
+        the job reads. A local source hashes them, in the background with `defer_hashes` (a
+        fresh conversion reads and converts layers meanwhile instead of waiting ~0.3 s a GB).
+        A hub source takes them from the listing, fetching now only the small files stored in
+        git (whose sha256 it does not list); the record settles once every file is downloaded
+        and verified (`download` starts that)."""
         names = self.files(moe_only)
         if self.repo is None:
             record: dict[str, Any] = {
@@ -164,23 +235,26 @@ class Source:
             }
             if not defer_hashes:
                 return SourceRecord(self.root, record | {"files": _hash_files(self.root, names)})
-            return SourceRecord(self.root, record, _hash_files_background(self.root, names))
-        self.fetch(names)
+            return SourceRecord(self.root, record, _hash_files_background(self.root, names).result)
         repo = self.repo
-        files = [
-            {"path": n, "size": repo.files[n].size, "sha256": repo.sha256_of(n)} for n in names
-        ]
-        return SourceRecord(
-            self.root,
-            {
-                "type": "hub",
-                "repo_id": repo.repo_id,
-                "revision": repo.revision,
-                "commit": repo.commit,
-                "path": None,
-                "files": files,
-            },
-        )
+        self.fetch([n for n in names if repo.files[n].sha256 is None], progress=False)
+
+        def files(sha256: Callable[[str], str | None]) -> list[dict[str, Any]]:
+            return [{"path": n, "size": repo.files[n].size, "sha256": sha256(n)} for n in names]
+
+        def verified(name: str) -> str:
+            self.path(name)  # waits for its download
+            return repo.sha256_of(name)
+
+        record = {
+            "type": "hub",
+            "repo_id": repo.repo_id,
+            "revision": repo.revision,
+            "commit": repo.commit,
+            "path": None,
+            "files": files(lambda n: repo.files[n].sha256 or repo.sha256_of(n)),
+        }
+        return SourceRecord(self.root, record, lambda: files(verified))
 
     def checkpoint(self) -> Checkpoint:
         """The tensor reader over this source's parsed config, quant config and index."""
@@ -189,7 +263,7 @@ class Source:
             config=self.config,
             quant=self.quant,
             weight_map=self.weight_map,
-            file_path=self.path,
+            files=self,
         )
 
 

@@ -68,8 +68,8 @@ B12X_HIDDEN_TILE = 128
 def geometry_of(ckpt: Checkpoint, moe: MoELayer, pad_tile: int = layout.PAD_TILE) -> Geometry:
     """Layer geometry from expert 0's headers (every expert is checked against it while
     loading), the intermediate size padded to `pad_tile`."""
-    up = ckpt.locate(moe.tensor(0, "up", "weight"))[1]
-    down = ckpt.locate(moe.tensor(0, "down", "weight"))[1]
+    up = ckpt.entry(moe.tensor(0, "up", "weight"))
+    down = ckpt.entry(moe.tensor(0, "down", "weight"))
     if len(up.shape) != 2 or len(down.shape) != 2:
         raise CheckpointError(
             f"{moe.tensor(0, 'up', 'weight')}: expected 2-d expert weights, got "

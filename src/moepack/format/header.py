@@ -48,20 +48,35 @@ def read_header(path: Path, file_size: int | None = None) -> Header:
         with open(path, "rb") as f:
             size = file_size if file_size is not None else f.seek(0, 2)
             f.seek(0)
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise HeaderError(
-                    f"{path}: {len(prefix)} bytes, too short for a safetensors file", path=path
-                )
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER or 8 + length > size:
-                raise HeaderError(
-                    f"{path}: header length {length} exceeds the file ({size} bytes) or the limit",
-                    path=path,
-                )
-            raw = f.read(length)
+            head = f.read(8)
+            head += f.read(header_length(path, head, size))
     except OSError as exc:
         raise HeaderError(f"{path}: cannot read: {exc}", path=path) from None
+    return parse_header(path, head, size)
+
+
+def header_length(path: Path, head: bytes, size: int) -> int:
+    """The JSON header's length from a file's first 8 bytes (`head` may hold more), checked
+    against the limit and the file's `size`."""
+    if len(head) < 8:
+        raise HeaderError(f"{path}: {len(head)} bytes, too short for a safetensors file", path=path)
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > MAX_HEADER or 8 + length > size:
+        raise HeaderError(
+            f"{path}: header length {length} exceeds the file ({size} bytes) or the limit",
+            path=path,
+        )
+    return int(length)
+
+
+def parse_header(path: Path, head: bytes, size: int) -> Header:
+    """Parse and validate a header from the first bytes of a file of `size` bytes (`head` holds
+    at least the length prefix and the JSON; from a local file or a ranged read of a remote
+    one); `path` is the file the errors and the `Header` name."""
+    length = header_length(path, head, size)
+    raw = head[8 : 8 + length]
+    if len(raw) < length:
+        raise HeaderError(f"{path}: header cut short ({len(raw)} of {length} bytes)", path=path)
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

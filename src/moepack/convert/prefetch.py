@@ -1,0 +1,80 @@
+"""A hub source's files downloaded in the background, in the order a conversion needs them.
+
+Converting a layer needs only the shards that hold its experts, so the download goes layer by
+layer (`download_order`) on one daemon thread (`Prefetch`) while the conversion waits for each
+file as it first reads it: the first layers convert while the later shards are still coming.
+One transfer at a time: the link is the limit, and one stream in order completes the first
+layers' shards soonest.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moepack.errors import HubError
+
+from .moe_layers import NVFP4_PARTS, MoELayer
+
+if TYPE_CHECKING:
+    from .hub import HubRepo
+
+
+def download_order(
+    names: Iterable[str], weight_map: dict[str, str], layers: list[MoELayer]
+) -> list[str]:
+    """`names` reordered so that layers complete early: for each layer in conversion order the
+    shards holding its expert tensors that no earlier layer needed, then the other shards (the
+    pass-through reads them in name order), then everything else."""
+    wanted = set(names)
+    order: dict[str, None] = {}
+    for moe in layers:
+        needed = {
+            weight_map[t]
+            for e in range(moe.num_experts)
+            for role in moe.projs
+            for part in NVFP4_PARTS
+            if (t := moe.tensor(e, role, part)) in weight_map
+        }
+        order.update(dict.fromkeys(sorted(needed & wanted)))
+    shards = set(weight_map.values())
+    rest = sorted(wanted - set(order), key=lambda n: (n not in shards, n))
+    return [*order, *rest]
+
+
+class Prefetch:
+    """Downloads and verifies `names` of `repo` in order on a daemon thread; `wait` blocks until
+    one is verified and re-raises the error that stopped the download (a daemon, and `stop`, so
+    that an interrupted or failed conversion exits without waiting for the rest)."""
+
+    def __init__(self, repo: HubRepo, names: list[str], progress: bool) -> None:
+        self._files: dict[str, Future[Path]] = {name: Future() for name in names}
+        self._stop = threading.Event()
+        threading.Thread(
+            target=self._run, args=(repo, names, progress), name="moepack-download", daemon=True
+        ).start()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def wait(self, name: str) -> Path:
+        """The local path of `name` once it is downloaded and verified."""
+        return self._files[name].result()
+
+    def stop(self) -> None:
+        """End the download within one chunk (a resumable transfer keeps its `.part` bytes)."""
+        self._stop.set()
+
+    def _run(self, repo: HubRepo, names: list[str], progress: bool) -> None:
+        error: BaseException = HubError(f"the download of {repo.repo_id} was stopped")
+        try:
+            for name, path in repo.fetch_each(names, progress=progress, stop=self._stop):
+                self._files[name].set_result(path)
+        except BaseException as exc:  # handed to whoever waits for a file not yet fetched
+            error = exc
+        for future in self._files.values():
+            if not future.done():
+                future.set_exception(error)
