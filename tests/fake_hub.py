@@ -18,6 +18,8 @@ Only what ``huggingface_hub`` 2.4.0 needs for downloads is implemented:
   and ``X-Repo-Commit``. With ``FakeHub(cdn=False)`` LFS files are served directly
   (200, ``ETag`` = sha256).
 * ``Range: bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` on every file GET (206, or 416).
+* ``FakeHub(rate=bytes_per_second)`` caps the bandwidth of all file bodies together (one
+  shared link), for benchmarks; ``stall`` holds a file's body at a byte offset until released.
 * Errors like the Hub: 404 + ``X-Error-Code: RepoNotFound`` / ``RevisionNotFound`` /
   ``EntryNotFound`` (the latter with ``X-Repo-Commit``), 401 when ``require_token`` is
   set and the ``Authorization: Bearer`` header is missing or wrong.
@@ -31,6 +33,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -151,6 +154,7 @@ class FakeHub:
             hub.interrupt_once("model.safetensors", after_bytes=1000)
             hub.interrupt("model.safetensors", after_bytes=1000, times=6)
             hub.corrupt("model.safetensors")              # until hub.clear_faults()
+            waiting = hub.stall("model.safetensors", at=1000)  # until hub.release(...)
             hub.requests                                  # list[RecordedRequest]
             hub.file_requests("model.safetensors", method="GET")  # hub + CDN requests
             hub.clear_requests()
@@ -158,9 +162,16 @@ class FakeHub:
             hub.cdn_endpoint                              # the fake LFS CDN (other port)
     """
 
-    def __init__(self, *, cdn: bool = True, lfs_threshold: int = LFS_THRESHOLD) -> None:
+    def __init__(
+        self, *, cdn: bool = True, lfs_threshold: int = LFS_THRESHOLD, rate: float | None = None
+    ) -> None:
         self.cdn = cdn
         self.lfs_threshold = lfs_threshold
+        self.rate = rate  # bytes/s over all file bodies together; None: as fast as loopback
+        self._link_free = 0.0  # monotonic time at which the capped link is next idle
+        self._stalls: dict[
+            tuple[str | None, str], tuple[int, threading.Event, threading.Event]
+        ] = {}
         self.require_token: str | None = None
         self.requests: list[RecordedRequest] = []
         self._repos: dict[str, _Repo] = {}
@@ -198,6 +209,7 @@ class FakeHub:
             self._threads.append(t)
 
     def stop(self) -> None:
+        self.clear_faults()  # releases stalled transfers
         servers = [s for s in (self._hub_server, self._cdn_server) if s is not None]
         for srv in servers:
             srv.shutdown()  # stops serve_forever (bounded by poll_interval)
@@ -307,10 +319,46 @@ class FakeHub:
         with self._lock:
             self._corrupt.add((repo_id, filename))
 
+    def stall(self, filename: str, at: int, repo_id: str | None = None) -> threading.Event:
+        """GETs serving ``filename``'s byte ``at`` send the bytes before it, then wait for
+        ``release(filename)`` (or ``clear_faults()``/``stop()``) before sending the rest.
+        Returns an event that is set once a GET waits there."""
+        waiting, go = threading.Event(), threading.Event()
+        with self._lock:
+            self._stalls[(repo_id, filename)] = (at, waiting, go)
+        return waiting
+
+    def release(self, filename: str, repo_id: str | None = None) -> None:
+        with self._lock:
+            stall = self._stalls.pop((repo_id, filename), None)
+        if stall is not None:
+            stall[2].set()
+
     def clear_faults(self) -> None:
         with self._lock:
             self._interrupts.clear()
             self._corrupt.clear()
+            stalls = list(self._stalls.values())
+            self._stalls.clear()
+        for _, _, go in stalls:
+            go.set()
+
+    def _stall_of(
+        self, repo_id: str, filename: str
+    ) -> tuple[int, threading.Event, threading.Event] | None:
+        with self._lock:
+            return self._stalls.get((repo_id, filename)) or self._stalls.get((None, filename))
+
+    def _throttle(self, n: int) -> None:
+        """Hold the caller until ``n`` more bytes fit through the capped link."""
+        if self.rate is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._link_free = max(now, self._link_free) + n / self.rate
+            until = self._link_free
+        if until > now:
+            time.sleep(until - now)
 
     def _take_interrupt(self, repo_id: str, filename: str) -> int | None:
         with self._lock:
@@ -713,9 +761,19 @@ class _Handler(BaseHTTPRequestHandler):
             return
         to_send = length if cut is None else min(max(cut, 0), length)
         pos, stop = start, start + to_send
+        stall = self.hub._stall_of(repo_id, entry.path) if self.command == "GET" else None
         try:
             while pos < stop:
                 n = min(_CHUNK, stop - pos)
+                if stall is not None and pos <= stall[0] < stop:
+                    if pos == stall[0]:
+                        self.wfile.flush()
+                        stall[1].set()
+                        stall[2].wait()
+                        stall = None
+                        continue
+                    n = min(n, stall[0] - pos)
+                self.hub._throttle(n)
                 # Count before writing: the client may be done before this thread runs again.
                 self._rec.bytes_sent += n
                 self.wfile.write(data[pos : pos + n])

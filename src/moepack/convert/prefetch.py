@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,8 +61,13 @@ class Prefetch:
         return name in self._files
 
     def wait(self, name: str) -> Path:
-        """The local path of `name` once it is downloaded and verified."""
-        return self._files[name].result()
+        """The local path of `name` once it is downloaded and verified. Waits in short steps:
+        a Ctrl-C that the kernel hands to the download thread interrupts no blocking wait of
+        the main thread, which sees it only when it next runs."""
+        future = self._files[name]
+        while not future.done():
+            wait([future], timeout=0.1)
+        return future.result()
 
     def stop(self) -> None:
         """End the download within one chunk (a resumable transfer keeps its `.part` bytes)."""

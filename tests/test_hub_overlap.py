@@ -1,0 +1,280 @@
+"""A hub conversion overlaps the download: layers convert as their shards arrive, verified.
+
+Every point is observed through the loopback FakeHub's request log and its `stall` (a file's
+body held at a byte offset until released), never through timing: the first layer converts
+while the last shard is held mid-transfer, which could not happen if conversion waited for the
+whole download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_hub import FakeHub
+
+from moepack.convert import pipeline
+from moepack.convert.checkpoint import Checkpoint
+from moepack.convert.hub import HubRepo
+from moepack.convert.moe_layers import find_moe_layers
+from moepack.convert.pipeline import convert_checkpoint
+from moepack.convert.prefetch import download_order
+from moepack.errors import HubError
+from moepack.format import layer_file
+from moepack.runtime.verify import verify_artifact
+
+pytestmark = pytest.mark.usefixtures("isolated_hf")
+
+SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+LAST = SHARDS[2]  # holds experts of the last MoE layer (3) only; layer 1 lies in shards 1-2
+HELD_AT = 25 * 4096  # past a shard's header read (64 KiB), a multiple of the test chunk size
+
+
+def _downloads(hub: FakeHub) -> list[str]:
+    """The files whose whole body was asked for, in request order (ranged reads left out)."""
+    names = []
+    for r in hub.requests:
+        if r.method == "GET" and r.range is None and r.server == "cdn":
+            names.append(r.query["filename"][0])
+    return names
+
+
+def _same_bytes(art: Path, reference: Path) -> None:
+    m = json.loads((art / "manifest.json").read_text())
+    for rec in m["files"]:
+        assert (art / rec["path"]).read_bytes() == (reference / rec["path"]).read_bytes()
+
+
+def _hub_args(hub: FakeHub, tmp_path: Path) -> dict[str, Any]:
+    return {"endpoint": hub.endpoint, "cache_dir": tmp_path / "cache", "token": False}
+
+
+def test_first_layer_converts_while_the_last_shard_is_held(
+    checkpoints, by_mode, tmp_path, monkeypatch
+):
+    seen: list[tuple[int, bool, bool]] = []
+    real = pipeline.convert_layer
+
+    def convert_layer(ckpt: Checkpoint, moe: Any, *args: Any, **kwargs: Any) -> Any:
+        if moe.layer == 1:
+            waiting.wait(60)  # the download reaches the hold in the last shard
+        last_done = any((tmp_path / "cache").glob(f"*/blobs/{sha}"))
+        seen.append((moe.layer, waiting.is_set(), last_done))
+        result = real(ckpt, moe, *args, **kwargs)
+        hub.release(LAST)  # layer 1 is converted; let the download finish
+        return result
+
+    monkeypatch.setattr(pipeline, "convert_layer", convert_layer)
+    with FakeHub() as hub:
+        hub.add_repo("acme/super", checkpoints["super"])
+        sha = hub.file_entry("acme/super", LAST).sha256
+        waiting = hub.stall(LAST, at=HELD_AT)
+        guard = threading.Timer(60, hub.release, [LAST])  # a conversion that waited: no hang
+        guard.start()
+        try:
+            summary = convert_checkpoint("acme/super", tmp_path / "art", **_hub_args(hub, tmp_path))
+        finally:
+            guard.cancel()
+        order = _downloads(hub)
+    # Layer 1 converted while the last shard was held mid-transfer; layer 3 once it was there.
+    assert seen == [(1, True, False), (3, True, True)], seen
+    assert order == SHARDS, order  # each shard once, in the order the layers need them
+    assert summary["moe_layers"] == 2
+    assert verify_artifact(tmp_path / "art").exit_code == 0
+    _same_bytes(tmp_path / "art", by_mode[("super", "baked")])
+
+
+def _renamed(src: Path, dst: Path, names: dict[str, str]) -> Path:
+    """`src` with its shards renamed (`names`), the index rewritten to match."""
+    shutil.copytree(src, dst)
+    for old, new in names.items():
+        (dst / old).rename(dst / f"{new}.tmp")
+    for new in names.values():
+        (dst / f"{new}.tmp").rename(dst / new)
+    index = dst / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: names.get(v, v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    return dst
+
+
+def test_download_order_follows_the_layers_not_the_names(checkpoints, tmp_path):
+    # Shards 1 and 3 swapped: layer 1 now lies in shards 3 and 2, layer 3 in 2 and 1.
+    ckpt = _renamed(
+        checkpoints["super"], tmp_path / "swapped", {SHARDS[0]: SHARDS[2], SHARDS[2]: SHARDS[0]}
+    )
+    local = Checkpoint(ckpt)
+    layers = find_moe_layers(local.weight_map, local.quant, local.config)
+    files = [*SHARDS, "config.json", "tokenizer_config.json"]
+    assert download_order(files, local.weight_map, layers) == [
+        SHARDS[1],
+        SHARDS[2],
+        SHARDS[0],
+        "config.json",
+        "tokenizer_config.json",
+    ]
+    # Layer 1 kept by an earlier run: its shards that layer 3 does not need come after.
+    assert download_order(files, local.weight_map, layers[1:])[:3] == [
+        SHARDS[0],
+        SHARDS[1],
+        SHARDS[2],
+    ]
+    local.close()
+    with FakeHub() as hub:
+        hub.add_repo("acme/swapped", ckpt)
+        convert_checkpoint("acme/swapped", tmp_path / "art", **_hub_args(hub, tmp_path))
+        assert _downloads(hub) == [SHARDS[1], SHARDS[2], SHARDS[0]]
+    assert verify_artifact(tmp_path / "art").exit_code == 0
+
+
+def test_single_file_checkpoint_from_the_hub(artifact_factory, tmp_path):
+    single = artifact_factory.checkpoint("super", "single")
+    with FakeHub() as hub:
+        hub.add_repo("acme/single", single)
+        convert_checkpoint("acme/single", tmp_path / "art", **_hub_args(hub, tmp_path))
+        whole = [r for r in hub.file_requests("model.safetensors", "GET") if r.range is None]
+        assert len([r for r in whole if r.server == "cdn"]) == 1  # downloaded once
+    assert verify_artifact(tmp_path / "art").exit_code == 0
+    _same_bytes(tmp_path / "art", artifact_factory.artifact("super", layout="single"))
+
+
+def test_a_header_that_differs_from_the_download_is_refused(checkpoints, tmp_path, monkeypatch):
+    real = HubRepo.read_range
+
+    def other_header(self: HubRepo, filename: str, start: int, end: int) -> bytes:
+        data = real(self, filename, start, end)
+        return data.replace(b'"format":"pt"', b'"format":"tf"') if filename == LAST else data
+
+    monkeypatch.setattr(HubRepo, "read_range", other_header)
+    with FakeHub() as hub:
+        hub.add_repo("acme/super", checkpoints["super"])
+        with pytest.raises(HubError, match=f"'{LAST}' as downloaded has another header"):
+            convert_checkpoint("acme/super", tmp_path / "art", **_hub_args(hub, tmp_path))
+    assert not (tmp_path / "art" / "manifest.json").exists()
+
+
+def _env(hub: FakeHub, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    return env | {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home)}
+
+
+def test_corrupted_last_shard_fails_cleanly_and_a_rerun_keeps_layer_1(
+    checkpoints, by_mode, tmp_path
+):
+    out = tmp_path / "art"
+    with FakeHub() as hub:
+        hub.add_repo("acme/super", checkpoints["super"])
+        hub.corrupt(LAST)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "moepack",
+                "convert",
+                "acme/super",
+                "--target",
+                "sm120",
+                "-o",
+                str(out),
+            ],
+            env=_env(hub, tmp_path / "hf"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 2, res.stderr
+        assert LAST in res.stderr and "sha256" in res.stderr
+        assert "Traceback" not in res.stderr
+        assert not (out / "manifest.json").exists()
+        assert verify_artifact(out).exit_code != 0
+        state = json.loads((out / pipeline.STATE).read_text())
+        assert layer_file(1) in state["done"]  # converted while the download went on
+        assert layer_file(3) not in state["done"]
+        hub.clear_faults()
+        summary = convert_checkpoint(
+            "acme/super", out, endpoint=hub.endpoint, cache_dir=tmp_path / "hf" / "hub", token=False
+        )
+    assert summary["kept_layers"] == 1
+    assert verify_artifact(out).exit_code == 0
+    _same_bytes(out, by_mode[("super", "baked")])
+
+
+def _saved(home: Path, sha256: str) -> int:
+    """How many bytes of the held shard its `.part` file holds (all the whole 4 KiB chunks sent
+    before the hold; the client's reader may keep back the last one)."""
+    parts = list(home.glob(f"hub/*/blobs/{sha256}.part"))
+    return parts[0].stat().st_size if parts else 0
+
+
+CHILD = """
+import sys
+from huggingface_hub import constants
+constants.DOWNLOAD_CHUNK_SIZE = 4096  # so that a held transfer leaves its bytes in .part
+from moepack.cli import main
+main()
+"""
+
+
+def test_ctrl_c_during_the_download_exits_130_and_a_rerun_resumes_it(
+    checkpoints, by_mode, tmp_path
+):
+    out, home = tmp_path / "art", tmp_path / "hf"
+    with FakeHub() as hub:
+        hub.add_repo("acme/super", checkpoints["super"])
+        sha = hub.file_entry("acme/super", LAST).sha256
+        waiting = hub.stall(LAST, at=HELD_AT)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                "convert",
+                "acme/super",
+                "--target",
+                "sm120",
+                "-o",
+                str(out),
+            ],
+            env=_env(hub, home) | {"HF_HUB_DOWNLOAD_TIMEOUT": "120"},  # held, not timed out
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (
+                waiting.is_set()
+                and (out / layer_file(1)).exists()
+                and _saved(home, sha) >= HELD_AT - 4096
+            ):
+                assert child.poll() is None, child.communicate()
+                assert time.monotonic() < deadline, "the conversion never reached the held shard"
+                time.sleep(0.05)
+            saved = _saved(home, sha)
+            child.send_signal(signal.SIGINT)
+            _, err = child.communicate(timeout=60)  # the downloader thread does not hold exit
+        finally:
+            if child.poll() is None:
+                child.kill()
+        assert child.returncode == 130, err
+        assert "kept 1 of 2 finished MoE layers" in err and "Traceback" not in err
+        assert _saved(home, sha) == saved  # the partial transfer is still there
+        hub.clear_faults()
+        hub.clear_requests()
+        summary = convert_checkpoint(
+            "acme/super", out, endpoint=hub.endpoint, cache_dir=home / "hub", token=False
+        )
+        ranges = [r.range for r in hub.file_requests(LAST, "GET") if r.server == "cdn"]
+    assert f"bytes={saved}-" in ranges, ranges  # resumed where the interrupted run stopped
+    assert summary["kept_layers"] == 1
+    assert verify_artifact(out).exit_code == 0
+    _same_bytes(out, by_mode[("super", "baked")])
