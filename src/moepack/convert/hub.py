@@ -176,8 +176,11 @@ class HubRepo:
             )
             hf_raise_for_status(response)
         except Exception as err:  # every failure becomes one readable HubError
+            reason = _explain(err)
+            if _is_transport(err):
+                reason += self._resume_hint(self.files[filename])
             raise HubError(
-                _scrub(f"cannot read {self._where(filename)}: {_explain(err)}", self._token)
+                _scrub(f"cannot read {self._where(filename)}: {reason}", self._token)
             ) from err
         data = response.content
         if response.status_code == 200:  # the server ignored the range: take the part asked for
