@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import socket
 import threading
 import time
@@ -62,7 +63,7 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 @dataclass(frozen=True)
 class RepoFileEntry:
     path: str  # repo-relative, forward slashes
-    data: bytes
+    data: bytes | mmap.mmap  # a large file is mapped, not read (a benchmark serves GBs)
     is_lfs: bool
     sha256: str
     blob_id: str  # git sha1 of the blob (of the LFS pointer for LFS files)
@@ -266,7 +267,7 @@ class FakeHub:
             rel = p.relative_to(folder).as_posix()
             if rel.startswith(".git/") or rel.startswith(".cache/"):
                 continue
-            data = p.read_bytes()
+            data = _contents(p, self.lfs_threshold)
             sha256 = hashlib.sha256(data).hexdigest()
             is_lfs = rel.endswith(_LFS_SUFFIXES) or len(data) > self.lfs_threshold
             pointer = lfs_pointer(sha256, len(data)) if is_lfs else None
@@ -788,6 +789,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _contents(path: Path, threshold: int) -> bytes | mmap.mmap:
+    """A file's bytes: read when small, mapped read-only when larger than ``threshold``."""
+    if path.stat().st_size <= threshold:
+        return path.read_bytes()
+    with path.open("rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def _content_disposition(filename: str) -> str:
