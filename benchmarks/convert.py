@@ -2,8 +2,9 @@
 
 The floor is what any converter must do on the same machine: read the source shards and write
 the artifact's bytes (fsynced), sequentially, as `moepack convert` does. Both run cold
-(source pages dropped with posix_fadvise DONTNEED) and warm (source in page cache). The
-conversion runs in a child process so its peak RSS (ru_maxrss) is its own.
+(source pages dropped with posix_fadvise DONTNEED) and warm (source in page cache), into a new
+directory as the floor writes a new file, and warm once more over the artifact just written.
+The conversion runs in a child process so its peak RSS (VmHWM) is its own.
 
     python benchmarks/convert.py --workdir /path/with/space [--layers 1] [--device cpu]
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -27,16 +29,31 @@ from cache import drop_cache
 
 CHUNK = 16 << 20
 CHILD = """
-import json, logging, sys, time
+import json, logging, sys, threading, time
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)6.0f ms %(message)s")
 from moepack.convert.pipeline import convert_checkpoint
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+base, top, stop = rss(), [0, 0.0], threading.Event()
+def sample():  # when the peak happened, for the log beside it
+    while not stop.wait(0.01):
+        r = rss()
+        if r > top[0]:
+            top[:] = [r, time.perf_counter() - t0]
 t0 = time.perf_counter()
+threading.Thread(target=sample, daemon=True).start()
 s = convert_checkpoint(sys.argv[1], sys.argv[2], moe_only=True, overwrite=True,
                        b12x_scales=sys.argv[3], device=sys.argv[4])
 took = time.perf_counter() - t0
+stop.set()
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
 peak = int(hwm[0].split()[1]) * 1024 if hwm else 0
-print(json.dumps({"seconds": took, "bytes": s["bytes"], "peak_rss": peak}))
+print(f"peak RSS {top[0] / 1e9:.2f} GB at {top[1]:.2f} s (start {base / 1e9:.2f} GB)", file=sys.stderr)
+print(json.dumps({"seconds": took, "bytes": s["bytes"], "peak_rss": peak, "start_rss": base,
+                  "peak_at_s": top[1]}))
 """
 
 
@@ -71,19 +88,29 @@ def io_floor(shards: list[Path], out_bytes: int, scratch: Path, cold: bool) -> f
     return took
 
 
-def convert_once(src: Path, out: Path, mode: str, device: str, cold: bool) -> dict[str, Any]:
+def convert_once(
+    src: Path, out: Path, mode: str, device: str, cold: bool, fresh: bool, log: Path | None
+) -> dict[str, Any]:
+    """One conversion in a child process. `fresh` removes an earlier artifact at `out` first
+    (outside the timing: the floor writes a new file too); otherwise the child replaces it."""
+    if fresh and out.exists():
+        shutil.rmtree(out)
+        os.sync()
     if cold:
         drop_cache(sorted(src.glob("*.safetensors")))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(src), str(out), mode, device],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's max
+    with open(log, "w") if log else open(os.devnull, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(src), str(out), mode, device],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        assert proc.stdout is not None
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; tell Popen
     if proc.returncode:
-        raise SystemExit(f"conversion failed with exit code {proc.returncode}")
+        raise SystemExit(f"conversion failed with exit code {proc.returncode} (log: {log})")
     result = json.loads(stdout.strip().splitlines()[-1])
     # VmHWM of the child's own address space: ru_maxrss would also count the parent's resident
     # memory at fork/exec time (Linux carries the old mm's high-water mark across exec).
@@ -104,23 +131,38 @@ def machine() -> str:
     return f"{os.cpu_count()} x {model}, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
 
 
-def run(workdir: Path, layers: int, mode: str, device: str) -> dict[str, Any]:
+def run(
+    workdir: Path, layers: int, mode: str, device: str, logdir: Path | None = None
+) -> dict[str, Any]:
     src = checkpoint(workdir, layers)
     shards = sorted(src.glob("*.safetensors"))
     in_bytes = sum(p.stat().st_size for p in shards)
     out = workdir / "artifact"
     rows = []
-    for cold in (True, False):
-        conv = convert_once(src, out, mode, device, cold)
+    # cold and warm into a new directory, as the floor writes a new file; then warm once more
+    # over the artifact just written (a rerun with --overwrite: replacing files costs extra).
+    for cache, cold, fresh in (
+        ("cold", True, True),
+        ("warm", False, True),
+        ("warm, over the previous artifact", False, False),
+    ):
+        log = (
+            None
+            if logdir is None
+            else logdir / f"convert-{cache.split(',')[0]}{'' if fresh else '-over'}.log"
+        )
+        conv = convert_once(src, out, mode, device, cold, fresh, log)
         layer_bytes = max(p.stat().st_size for p in (out / "moe").glob("*.safetensors"))
         floor = io_floor(shards, conv["bytes"], workdir / "floor.bin", cold)
         rows.append(
             {
-                "cache": "cold" if cold else "warm",
+                "cache": cache,
                 "floor_s": floor,
                 "convert_s": conv["seconds"],
                 "ratio": floor / conv["seconds"],
                 "peak_rss": conv["peak_rss"],
+                "start_rss": conv.get("start_rss", 0),
+                "peak_at_s": conv.get("peak_at_s", 0.0),
                 "layer_bytes": layer_bytes,
             }
         )
@@ -142,7 +184,8 @@ def table(r: dict[str, Any]) -> str:
         f"{r['layers']} layer(s) of E=512, H=1024, n=2688 ({gb:.2f} GB in, "
         f"{r['artifact_bytes'] / 1e9:.2f} GB out)",
         "",
-        "| cache | I/O floor s | floor GB/s | convert s | convert GB/s | convert / floor | peak RSS GB | RSS / layer |",
+        "| cache | I/O floor s | floor GB/s | convert s | convert GB/s | convert / floor "
+        "| peak RSS GB (at s) | RSS / layer file |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
@@ -150,7 +193,7 @@ def table(r: dict[str, Any]) -> str:
         lines.append(
             f"| {row['cache']} | {row['floor_s']:.2f} | {gb / row['floor_s']:.2f} | "
             f"{row['convert_s']:.2f} | {gb / row['convert_s']:.2f} | {row['ratio']:.2f}x | "
-            + f"{rss / 1e9:.2f} | {rss / row['layer_bytes']:.2f}x |"
+            + f"{rss / 1e9:.2f} ({row['peak_at_s']:.1f}) | {rss / row['layer_bytes']:.2f}x |"
         )
     lines.append("")
     lines.append("Targets: convert / floor >= 0.8x; peak RSS <= 2x one layer file.")
@@ -164,9 +207,12 @@ def main() -> None:
     ap.add_argument("--b12x-scales", dest="mode", choices=("baked", "shared"), default="baked")
     ap.add_argument("--device", default="cpu", help="where convert runs its arithmetic")
     ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    ap.add_argument("--logdir", type=Path, help="keep each conversion's log here")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    result = run(args.workdir, args.layers, args.mode, args.device)
+    if args.logdir:
+        args.logdir.mkdir(parents=True, exist_ok=True)
+    result = run(args.workdir, args.layers, args.mode, args.device, args.logdir)
     print(table(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -2,8 +2,9 @@
 
     python benchmarks/convert_phases.py CHECKPOINT SCRATCH_DIR [--out phases.json]
 
-Phases: source sha256 (all files, as `moepack convert` hashes them), the gather of each
-projection into its padded layer buffer, the rest of `convert_layer` (swizzle, bake, scalars),
+Phases: source sha256 (all files, as `moepack convert` hashes them), each projection's scales
+gathered into their padded buffer (the payload is only located: it streams into the file as it
+is written), the rest of `convert_layer` (swizzle, bake, scalars), the payloads streamed alone,
 the sampled fidelity measurement, the layer file's write with its sha256 taken as it is written,
 the same write without hashing (+ fsync), and the sha256 of the written file read back.
 """
@@ -22,7 +23,7 @@ import torch
 from moepack.convert import source, transform
 from moepack.convert.checkpoint import Checkpoint
 from moepack.convert.moe_layers import find_moe_layers
-from moepack.convert.writer import write_safetensors
+from moepack.convert.writer import Blob, write_safetensors
 from moepack.runtime.verify import sha256_file
 
 
@@ -53,15 +54,26 @@ def main() -> None:
     geo = transform.geometry_of(ck, moe)
     e, h, n, n_p = geo.num_experts, geo.hidden, geo.intermediate, geo.intermediate_padded
     cpu = torch.device("cpu")
-    phase("gather fc1 (up)", lambda: transform._load_proj(ck, moe, ("up",), (e, n, n_p, h, h), cpu))
     phase(
-        "gather fc2 (down)",
+        "fc1 (up): scales gathered, payload located",
+        lambda: transform._load_proj(ck, moe, ("up",), (e, n, n_p, h, h), cpu),
+    )
+    phase(
+        "fc2 (down): scales gathered, payload located",
         lambda: transform._load_proj(ck, moe, ("down",), (e, h, h, n, n_p), cpu),
     )
     result = phase(
-        "convert_layer (gathers + swizzle + bake)",
+        "convert_layer (scale gathers + swizzle + bake; payload not read)",
         lambda: transform.convert_layer(ck, moe, geo, "baked"),
     )
+
+    def stream_payloads() -> None:
+        for _name, t in result.tensors:
+            if isinstance(t, Blob):
+                for _ in t.chunks():
+                    pass
+
+    phase("payloads streamed from the shards alone (w13 + w2, no write)", stream_payloads)
     phase("fidelity (sampled)", result.measure)
     phase(
         "fidelity (exact)",

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU-host benchmark in one call (the lent machine is billed by the minute): machine facts,
 # load, convert, verify; tables and JSON under $OUT. Run from the repository root:
-#     OUT=/some/dir bash benchmarks/device_run.sh [load] [convert] [verify]
+#     OUT=/some/dir bash benchmarks/device_run.sh [limits] [sweep] [load] [convert] [phases] [verify] [verify1] [hub]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/moepack-bench-out}
 mkdir -p "$OUT"
-what=${*:-load convert phases verify verify1}
+what=${*:-limits sweep load convert phases verify verify1}
 root=$(pwd)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
   || export PYTHONPATH="$root/src"
@@ -20,6 +20,12 @@ mkdir -p "$W"
   free -g | head -2
   df -h "$W" | tail -1
   python3 -c "import torch, numpy, safetensors; print('torch', torch.__version__, 'numpy', numpy.__version__, 'safetensors', safetensors.__version__)"
+  lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node\(s\)|L2|L3|Hypervisor|Flags)" \
+    | sed -E 's/^(Flags:).*( sha_ni).*/\1 ...\2 .../'
+  uname -r
+  grep -H . /proc/sys/vm/dirty_ratio /proc/sys/vm/dirty_background_ratio \
+    /proc/sys/vm/dirty_expire_centisecs 2>/dev/null
+  findmnt -no SOURCE,FSTYPE,OPTIONS --target "$W"
 } 2>&1 | tee "$OUT/machine.txt"
 cd "$root/benchmarks"
 for w in $what; do
@@ -28,9 +34,15 @@ for w in $what; do
     load)
       python3 load.py --threads 8 16 --workdir "$W" --out "$OUT/load.json" 2>&1 | tee "$OUT/load.md" ;;
     convert)
-      python3 convert.py --workdir "$W" --layers "${LAYERS:-4}" --out "$OUT/convert.json" 2>&1 \
-        | tee "$OUT/convert.md"
+      python3 convert.py --workdir "$W" --layers "${LAYERS:-4}" --out "$OUT/convert.json" \
+        --logdir "$W/logs" 2>&1 | tee "$OUT/convert.md"
+      tar -czf "$OUT/convert-logs.tgz" -C "$W" logs
       rm -rf "$W/artifact" ;;
+    limits)
+      python3 machine_limits.py --workdir "$W" --out "$OUT/limits.json" 2>&1 | tee "$OUT/limits.md"
+      rm -rf "$W/limits" ;;
+    sweep)
+      python3 load_sweep.py --workdir "$W" --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.md" ;;
     phases)
       python3 convert_phases.py "$W/super-1layer-fast" "$W/phases" \
         --out "$OUT/phases.json" 2>&1 | tee "$OUT/phases.md" ;;

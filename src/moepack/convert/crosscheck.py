@@ -20,9 +20,15 @@ from .checkpoint import Checkpoint
 from .moe_layers import MoELayer
 from .source import open_source
 from .transform import convert_layer, geometry_of
+from .writer import Blob
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
+def _bytes(t: torch.Tensor | Blob) -> torch.Tensor:
+    """A tensor's bytes, flat; a streamed payload (`Blob`) read whole."""
+    if isinstance(t, Blob):
+        return torch.frombuffer(
+            bytearray(b"".join(bytes(c) for c in t.chunks())), dtype=torch.uint8
+        )
     return t.reshape(-1).view(torch.uint8)
 
 

@@ -307,11 +307,12 @@ class _InFlight:
 def _write_layer(
     out: Path,
     rel: str,
-    tensors: list[tuple[str, torch.Tensor]],
+    tensors: list[tuple[str, torch.Tensor | Blob]],
     meta: dict[str, str],
     hashes: ThreadPoolExecutor | None,
 ) -> tuple[WrittenFile, Future[tuple[str, list[str]]] | None]:
-    """Write a layer file and return once its bytes are in the page cache (its memory freed).
+    """Write a layer file (its payload streamed from the source) and return once its bytes are
+    in the page cache (its memory freed).
     With a `hashes` pool, the fsync, the rename and the hash-back run there, so the next
     layer's write starts while this file reaches the disk; without, it is hashed as written."""
     t0 = time.perf_counter()
@@ -366,10 +367,12 @@ def _layer_files(
     place and hashed. `download` starts a hub source's background download, told the layers
     still to convert once the finished ones are known.
 
-    One write is in flight at a time: layer L's fidelity is measured, and layer L+1 read and
-    converted, while layer L's file is written (about two layers resident at peak). Written
-    files are hashed on `HASH_WORKERS` threads, several at once; the last layer converted is
-    hashed as it is written (nothing else is left to overlap with).
+    One write is in flight at a time: layer L's fidelity is measured, and layer L+1's scales
+    read and converted, while layer L's file is written. The payloads (most of a layer file)
+    stream from the source shards into the file as it is written, so what is resident at peak
+    is about two layers' scales, not two layers. Written files are hashed on `HASH_WORKERS`
+    threads, several at once; the last layer converted is hashed as it is written (nothing else
+    is left to overlap with).
     """
     with (
         _progress(len(layers), "convert", progress) as bar,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from moepack.runtime.dtypes import TORCH_DTYPES
 
 from .checkpoint import Checkpoint, CheckpointError
 from .moe_layers import MoELayer
+from .writer import Blob
 
 FIDELITY_CHUNK = 4
 """Experts per chunk when measuring error: bounds the float32 temporaries (~40 MB a chunk on
@@ -40,19 +42,22 @@ _E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.
 @dataclass
 class LayerResult:
     """A layer's file tensors, and `measure()` for its fidelity figures: separate so that the
-    measurement can run while the tensors are being written."""
+    measurement can run while the tensors are being written. The payloads (`w13`, `w2`, most
+    of the file) are `Blob`s streamed from the source shards as the file is written: one layer
+    held in memory is its scales, not its payload."""
 
-    tensors: list[tuple[str, torch.Tensor]]
+    tensors: list[tuple[str, torch.Tensor | Blob]]
     measure: Callable[[], dict[str, float | int]]
     gate_up_requantized_experts: int = 0
 
 
 @dataclass
 class _Proj:
-    """One projection of all experts: payload and row-major scales padded to their stored shape
-    (rows per half when gated), plus what the source said, for measuring changes."""
+    """One projection of all experts: where its payload is (streamed, never held whole) and its
+    row-major scales padded to their stored shape (rows per half when gated), plus what the
+    source said, for measuring changes."""
 
-    payload: torch.Tensor  # uint8 [E, rows, K_p/2]
+    payload: _Payload  # uint8 [E, rows, K_p/2], read on demand
     sf: torch.Tensor  # e4m3 [E, rows, K_p/16] as stored (after any requantization)
     src_sf: torch.Tensor  # e4m3, the source block scales (the same tensor unless requantized)
     src_ws2: torch.Tensor  # float32 [E, halves]: the source weight_scale_2 of each half
@@ -143,6 +148,15 @@ def _read_full(fd: int, dst: memoryview | np.ndarray, offset: int) -> bool:
     return True
 
 
+def _located(ckpt: Checkpoint, name: str) -> tuple[int, int]:
+    """`(fd, start)` of a tensor whose byte range lies inside its shard (checked up front, so a
+    streamed payload cannot run short unless the shard changes under the conversion)."""
+    fd, entry = ckpt.locate(name)
+    if entry.start + entry.nbytes > os.fstat(fd).st_size:
+        raise ckpt.short_read(name)
+    return fd, entry.start
+
+
 def _check_block_scales(bits: np.ndarray, name: str) -> None:
     """E4M3 block scales must be NaN-free (0x7F/0xFF) and not negative (0x81..0xFF)."""
     if bool(((bits & 0x7F) == 0x7F).any()):
@@ -207,6 +221,95 @@ def _gather(
             fut.result()
 
 
+PAYLOAD_EXPERTS = 4
+"""Experts per piece of a streamed payload (about 6 MB on Nemotron Super)."""
+PAYLOAD_AHEAD = 16
+"""Pieces read ahead of the writer (on `READ_WORKERS` threads): about 100 MB in flight."""
+
+
+@dataclass
+class _Payload:
+    """One projection's FP4 payload as the layer file stores it, `[E, halves * rows_p, cols_p]`
+    uint8 (each half's rows padded to `rows_p`, each row to `cols_p` bytes, padding zero), kept
+    where it is in the source shards: its bytes are the source's, unchanged, so the layer file
+    gets them streamed from the shards (`blob`) instead of a copy of the whole projection in
+    memory, and the fidelity measurement reads the experts it needs (`read`).
+    """
+
+    ckpt: Checkpoint
+    names: list[list[str]]
+    where: list[list[tuple[int, int]]]  # [e][h] -> (fd, start)
+    rows: int
+    cols: int
+    rows_p: int
+    cols_p: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.names), len(self.names[0]) * self.rows_p, self.cols_p)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape)
+
+    def _fill(self, experts: list[int], out: np.ndarray) -> None:
+        """`out[i]` = expert `experts[i]` as stored: source rows straight into the padded block
+        (one positioned read per half when rows need no padding), padding zeroed."""
+        rows, cols, rows_p, cols_p = self.rows, self.cols, self.rows_p, self.cols_p
+        halves = len(self.names[0])
+        blocks = out.reshape(len(experts), halves, rows_p, cols_p)
+        if rows_p > rows:
+            blocks[:, :, rows:] = 0
+        scratch = np.empty((rows, cols), dtype=np.uint8) if cols != cols_p else None
+        for i, e in enumerate(experts):
+            for h, (fd, start) in enumerate(self.where[e]):
+                if scratch is None:
+                    ok = _read_full(fd, blocks[i, h, :rows], start)
+                else:
+                    ok = _read_full(fd, scratch, start)
+                    blocks[i, h, :rows, :cols] = scratch
+                    blocks[i, h, :rows, cols:] = 0
+                if not ok:
+                    raise self.ckpt.short_read(self.names[e][h])
+
+    def read(self, experts: list[int]) -> torch.Tensor:
+        """The stored bytes of `experts`, `[len(experts), halves * rows_p, cols_p]` uint8."""
+        out = np.empty((len(experts), *self.shape[1:]), dtype=np.uint8)
+        self._fill(experts, out)
+        return torch.from_numpy(out)
+
+    def blob(self) -> Blob:
+        """The projection as a writer `Blob`: pieces of `PAYLOAD_EXPERTS` experts in file
+        order, read ahead on a thread pool (positioned reads and numpy copies drop the GIL);
+        each piece is a fresh buffer, so a hasher fed the same pieces may keep them."""
+        e_count = len(self.names)
+        groups = [
+            list(range(lo, min(lo + PAYLOAD_EXPERTS, e_count)))
+            for lo in range(0, e_count, PAYLOAD_EXPERTS)
+        ]
+
+        def piece(experts: list[int]) -> memoryview:
+            out = np.empty((len(experts), *self.shape[1:]), dtype=np.uint8)
+            self._fill(experts, out)
+            return memoryview(out.reshape(-1).data)
+
+        def chunks() -> Iterator[memoryview]:
+            with ThreadPoolExecutor(max_workers=min(READ_WORKERS, len(groups))) as pool:
+                ahead: deque[Future[memoryview]] = deque()
+                try:
+                    for g in groups:
+                        ahead.append(pool.submit(piece, g))
+                        if len(ahead) > PAYLOAD_AHEAD:
+                            yield ahead.popleft().result()
+                    while ahead:
+                        yield ahead.popleft().result()
+                finally:  # stopped early (a failed write): nothing more is read
+                    for fut in ahead:
+                        fut.cancel()
+
+        return Blob("U8", self.shape, self.nbytes, chunks)
+
+
 def _load_proj(
     ckpt: Checkpoint,
     moe: MoELayer,
@@ -214,11 +317,13 @@ def _load_proj(
     shape: tuple[int, int, int, int, int],
     device: torch.device,
 ) -> _Proj:
-    """Gather `roles` (stacked as halves in that order) of every expert into padded tensors.
+    """Gather the scales of `roles` (stacked as halves in that order) of every expert into
+    padded tensors, and locate their payload (streamed to the file later, see `_Payload`).
 
     `shape` is `(experts, rows, padded rows per half, K, padded K)`. Every expert tensor's dtype
-    and shape are checked against the header before a byte is read; its bytes then go straight
-    into the stacked, padded layer buffer (no per-tensor allocation).
+    and shape are checked against the header, and its byte range against the shard's size,
+    before a byte is read; scale bytes then go straight into the stacked, padded layer buffer
+    (no per-tensor allocation).
     """
     e_count, rows, rows_p, k, k_p = shape
     halves = len(roles)
@@ -240,7 +345,8 @@ def _load_proj(
                     f"{TORCH_DTYPES[s.dtype]}{list(s.shape)}",
                     tensor=s_names[e][h],
                 )
-    payload = torch.empty((e_count, rows_p * halves, k_p // 2), dtype=torch.uint8)
+    where = [[_located(ckpt, name) for name in per_expert] for per_expert in w_names]
+    payload = _Payload(ckpt, w_names, where, rows, k // 2, rows_p, k_p // 2)
     sf = torch.empty((e_count, rows_p * halves, k_p // 16), dtype=torch.uint8)
     _gather(ckpt, s_names, sf, rows, k // 16, rows_p, scales_check=True)
     ws2 = _read_scalars(
@@ -258,10 +364,9 @@ def _load_proj(
                 f"{moe.tensor(e, roles[0], 'input_scale')} (gate and up share the FC1 input)",
                 tensor=moe.tensor(e, roles[h], "input_scale"),
             )
-    _gather(ckpt, w_names, payload, rows, k // 2, rows_p, scales_check=False)
     sf = sf.view(torch.float8_e4m3fn)
     if device.type != "cpu":
-        payload, sf, ws2 = payload.to(device), sf.to(device), ws2.to(device)
+        sf, ws2 = sf.to(device), ws2.to(device)
     x_scale = xs[:, 0].contiguous().to(device)
     return _Proj(payload, sf, sf, ws2, ws2[:, 0].contiguous(), x_scale)
 
@@ -310,19 +415,21 @@ def _rel_errors(
     `sum((e2m1 * (got - ref))^2)` factors per block into `sum(e2m1^2) * (got - ref)^2`, so the
     error is exact without materializing dequantized weights; one pass over the payload serves
     every variant. Chunks of experts run on a thread pool: the table lookup is single-threaded
-    inside torch, and the GIL is released while it runs.
+    inside torch, and the GIL is released while it runs. Each chunk reads its experts' payload
+    from the source (the layer's payload is never held whole).
     """
     count = proj.payload.shape[0] if experts is None else len(experts)
     if count == 0:
         return [torch.zeros(0) for _ in variants]
     starts = range(0, count, FIDELITY_CHUNK)
-    on_cpu = proj.payload.device.type == "cpu"
+    device = proj.src_sf.device
+    on_cpu = device.type == "cpu"
     workers = min(FIDELITY_WORKERS, os.cpu_count() or 1) if on_cpu else 1
 
     def chunk(start: int) -> list[torch.Tensor]:
-        sel: slice | torch.Tensor = slice(start, start + FIDELITY_CHUNK)
+        sel: slice | torch.Tensor = slice(start, min(start + FIDELITY_CHUNK, count))
         if experts is not None:
-            sel = experts[sel].to(proj.payload.device)
+            sel = experts[sel].to(device)
         return _chunk_errors(proj, variants, sel)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -342,7 +449,8 @@ def _pick(t: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
 def _chunk_errors(
     proj: _Proj, variants: list[Variant], c: slice | torch.Tensor
 ) -> list[torch.Tensor]:
-    p = _pick(proj.payload, c)
+    ids = list(range(c.start, c.stop)) if isinstance(c, slice) else c.cpu().tolist()
+    p = proj.payload.read(ids).to(proj.src_sf.device)
     pairs = p.reshape(-1).view(torch.int16).int() & 0xFFFF
     energy = _SQ_PAIR.to(p.device).index_select(0, pairs).view(*p.shape[:2], -1, 4).sum(-1)
     halves = proj.src_ws2.shape[1]
@@ -435,7 +543,8 @@ def convert_layer(
     """All tensors of one layer file, in `Geometry.tensor_specs` order, plus fidelity figures.
 
     The work runs on `device` (a GPU makes it a small fraction of the I/O); results come back
-    on the CPU for writing. Fidelity: requantization errors (and every error in shared mode)
+    on the CPU for writing. The payloads are not read here: they stream from the shards into
+    the file when it is written (`_Payload`), while the source checkpoint stays open. Fidelity: requantization errors (and every error in shared mode)
     are exact, measured on the only experts they can be nonzero for; the baked-scale error of
     layers with more than `FIDELITY_SAMPLE` experts is measured on that many evenly spaced
     experts unless `exact_fidelity` (`b12x_err_experts` records how many).
@@ -446,8 +555,6 @@ def convert_layer(
     fc2 = _load_proj(ckpt, moe, ("down",), (e, h, h, n, n_p), device)
     requantized = _unify_gate_up(fc1, n_p) if geo.gated else torch.zeros(0, dtype=torch.long)
     tensors: dict[str, torch.Tensor] = {
-        "w13": fc1.payload,
-        "w2": fc2.payload,
         "w13_sf": layout.swizzle(fc1.sf),
         "w2_sf": layout.swizzle(fc2.sf),
     }
@@ -496,5 +603,10 @@ def convert_layer(
             "b12x_err_experts": len(sample),
         }
 
+    payloads = {"w13": fc1.payload.blob(), "w2": fc2.payload.blob()}
     order = geo.tensor_specs(mode)
-    return LayerResult([(name, tensors[name].cpu()) for name in order], measure, len(requantized))
+    return LayerResult(
+        [(name, payloads[name] if name in payloads else tensors[name].cpu()) for name in order],
+        measure,
+        len(requantized),
+    )
