@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -107,3 +108,46 @@ def test_version_1_artifacts_still_load_and_verify(
     m["files"][0]["sha256_chain"] = {"chunk_size": 4096, "states": []}  # a v2 field in v1
     (out / "manifest.json").write_text(json.dumps(m, indent=2))
     assert verify_artifact(out, quick=True).exit_code == 2
+
+
+@pytest.mark.parametrize("mappable", [True, False])
+@pytest.mark.parametrize("offset,length", [(0, 5 * 4096 + 100), (4096, 3 * 4096), (100, 9000)])
+def test_file_pieces_mapped_or_read_give_the_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mappable: bool, offset: int, length: int
+) -> None:
+    """Mapped windows (several, small WINDOW), the read fallback (no MAP_POPULATE, or an offset
+    off a page boundary) and the hashes built on them all see exactly the file's bytes."""
+    data = os.urandom(6 * 4096 + 100)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    monkeypatch.setattr(sha256chain, "WINDOW", 4096)
+    if not mappable:
+        monkeypatch.setattr(sha256chain, "MAP_POPULATE", 0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pieces = list(sha256chain.file_pieces(fd, offset, length))
+        kinds = {type(p) for p in pieces}
+        got = b""
+        for p in sha256chain.file_pieces(fd, offset, length):
+            got += bytes(p.view() if isinstance(p, sha256chain.Region) else p)
+    finally:
+        os.close(fd)
+    assert got == data[offset : offset + length]
+    assert (sha256chain.Region in kinds) == (mappable and offset % mmap.PAGESIZE == 0)
+    from moepack.runtime.verify import sha256_chain_file, sha256_file
+
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert sha256_chain_file(path)[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_file_pieces_past_the_end_raise(tmp_path: Path) -> None:
+    """A range past the end of the file is never mapped (that would fault): read, and refused."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(3 * 4096))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="ends before byte"):
+            for _ in sha256chain.file_pieces(fd, 0, 4 * 4096, path):
+                pass
+    finally:
+        os.close(fd)

@@ -36,9 +36,6 @@ from moepack.format.validate import (
 )
 from moepack.sizes import human_bytes
 
-CHUNK = 16 << 20
-"""Read size for hashing: large reads keep syscall overhead negligible next to sha256."""
-
 __all__ = [
     "SCHEMA_PATH",
     "Problem",
@@ -146,51 +143,50 @@ def sha256_chain_file(path: Path) -> tuple[str, list[str]]:
     if not sha256chain.available():
         return sha256_file(path), []
     h = sha256chain.Chain()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for piece in sha256chain.file_pieces(fd, 0, os.fstat(fd).st_size, path):
+            h.update(piece)
+    finally:
+        os.close(fd)
     return h.hexdigest(), h.states
 
 
 def _chunk_pieces(
     path: Path, progress: _Progress | None
-) -> Callable[[int, int], Iterator[memoryview]]:
-    """`reader(offset, n)` for `sha256chain.check_chunk`: positioned reads of the range."""
+) -> Callable[[int, int], Iterator[sha256chain.Region | memoryview]]:
+    """`reader(offset, n)` for `sha256chain.check_chunk`: the range's bytes, mapped where they
+    can be (hashed in place), else read (`sha256chain.file_pieces`)."""
 
-    def reader(offset: int, n: int) -> Iterator[memoryview]:
-        buf = bytearray(min(CHUNK, max(n, 1)))
-        view = memoryview(buf)
+    def reader(offset: int, n: int) -> Iterator[sha256chain.Region | memoryview]:
         fd = os.open(path, os.O_RDONLY)
         try:
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [view[: min(len(buf), n - done)]], offset + done)
-                if got == 0:
-                    raise OSError(f"{path}: ends before byte {offset + n}")
-                yield view[:got]
-                done += got
+            for piece in sha256chain.file_pieces(fd, offset, n, path):
+                yield piece
                 if progress is not None:
-                    progress.add(got)
+                    progress.add(len(piece))
         finally:
             os.close(fd)
 
     return reader
 
 
-def sha256_file(path: Path, progress: _Progress | None = None, chunk: int = CHUNK) -> str:
-    """Stream `path` through sha256 in large reads into one reused buffer (hashlib drops the GIL)."""
+def sha256_file(path: Path, progress: _Progress | None = None) -> str:
+    """Stream `path` through sha256, mapped where it can be (`sha256chain.file_pieces`: no copy
+    of page-cached bytes), else in large reads (hashlib drops the GIL either way)."""
     h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    fd = os.open(path, os.O_RDONLY)
+    try:
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while n := f.readinto(buf):
-            h.update(view[:n])
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for piece in sha256chain.file_pieces(fd, 0, os.fstat(fd).st_size, path):
+            data = piece.view() if isinstance(piece, sha256chain.Region) else piece
+            h.update(data)
+            del data
             if progress is not None:
-                progress.add(n)
+                progress.add(len(piece))
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
