@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 PAGE = mmap.PAGESIZE
+SAMPLE_WINDOWS = 256
+WINDOW_PAGES = 16
+"""`resident_fraction` samples ranges larger than SAMPLE_WINDOWS x WINDOW_PAGES pages."""
 CUDA_HOST_REGISTER_READ_ONLY = 0x08
 """`cudaHostRegisterReadOnly`: the pages are only read by the device (needed for PROT_READ)."""
 
@@ -75,7 +78,13 @@ class Mapping:
             lib.madvise(self.addr + lo, start + n - lo, advice)
 
     def resident_fraction(self, start: int = 0, n: int | None = None) -> float:
-        """Share of the range's pages in the page cache (mincore); 0.0 if it cannot tell."""
+        """Share of the range's pages in the page cache (mincore); 0.0 if it cannot tell.
+
+        A range of more than `SAMPLE_WINDOWS x WINDOW_PAGES` pages is sampled: that many
+        evenly spaced windows of `WINDOW_PAGES` pages. mincore looks every page up in the page
+        cache: the whole of a 1.85 GB layer file took 45-60 ms on the dev box, as long as a warm
+        load of it on the H200 host; 4096 sampled pages tell cached from not in well under 1 ms
+        (the loader only asks whether less than half is cached)."""
         lib = libc()
         n = self.size - start if n is None else n
         lo = start // PAGE * PAGE
@@ -83,10 +92,20 @@ class Mapping:
         pages = -(-length // PAGE)
         if lib is None or pages == 0:
             return 0.0
-        vec = (ctypes.c_ubyte * pages)()
-        if lib.mincore(self.addr + lo, length, vec) != 0:
-            return 0.0
-        return float((np.frombuffer(memoryview(vec).cast("B"), dtype=np.uint8) & 1).mean())
+        if pages <= SAMPLE_WINDOWS * WINDOW_PAGES:
+            windows = [(0, pages)]
+        else:
+            step = (pages - WINDOW_PAGES) / (SAMPLE_WINDOWS - 1)
+            windows = [(round(i * step), WINDOW_PAGES) for i in range(SAMPLE_WINDOWS)]
+        resident = total = 0
+        for first, count in windows:
+            vec = (ctypes.c_ubyte * count)()
+            span = min(count * PAGE, length - first * PAGE)
+            if lib.mincore(self.addr + lo + first * PAGE, span, vec) != 0:
+                return 0.0
+            resident += int((np.frombuffer(memoryview(vec).cast("B"), dtype=np.uint8) & 1).sum())
+            total += count
+        return resident / total
 
     def close(self) -> None:
         lib = libc()
