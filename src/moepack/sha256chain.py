@@ -129,14 +129,11 @@ def mapped(fd: int, offset: int, n: int) -> Iterator[Region | None]:
     Why: hashing page-cached bytes through `read` copies each byte once more than hashing them
     where they are; on the 16-core H200 host 16 threads hashed cached files at 7 GB/s through
     16 MiB reads and 14 GB/s through populated mappings (`benchmarks/machine_limits.py`).
-    MAP_POPULATE maps the window's pages in one call instead of one fault per few pages; the
-    WILLNEED advice first makes a window that is not cached arrive in large reads."""
+    MAP_POPULATE maps the window's pages in one call instead of one fault per few pages."""
     lib = _libc()
     if lib is None or n <= 0 or offset % mmap.PAGESIZE or not MAP_POPULATE:
         yield None
         return
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, n, os.POSIX_FADV_WILLNEED)
     addr = lib.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED | MAP_POPULATE, fd, offset)
     if addr in (None, ctypes.c_void_p(-1).value):
         yield None
@@ -145,6 +142,11 @@ def mapped(fd: int, offset: int, n: int) -> Iterator[Region | None]:
         yield Region(addr, n)
     finally:
         lib.munmap(addr, n)
+
+
+def _will_need(fd: int, offset: int, n: int) -> None:
+    if n > 0 and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, n, os.POSIX_FADV_WILLNEED)
 
 
 def file_pieces(
@@ -157,11 +159,15 @@ def file_pieces(
     end = offset + n
     pos = offset
     if end <= os.fstat(fd).st_size:
+        _will_need(fd, pos, min(WINDOW, end - pos))
         while pos < end:
             take = min(WINDOW, end - pos)
             with mapped(fd, pos, take) as region:
                 if region is None:
                     break
+                # The next window is read ahead while this one is hashed (a cold file then
+                # streams from the disk as with sequential reads; cached, the advice is cheap).
+                _will_need(fd, pos + take, min(WINDOW, end - pos - take))
                 yield region
             pos += take
     if pos < end:
