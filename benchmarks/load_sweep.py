@@ -61,6 +61,48 @@ def pinned_ring_read(path: Path, threads: int, chunk: int) -> float:
     return best
 
 
+def ring_read_beside_h2d(path: Path, threads: int, chunk: int) -> tuple[float, float]:
+    """GB/s of the host ring read and of a pinned host-to-device copy when both run at once on
+    separate buffers (the two halves of a staged load, without the hand-off between them): if
+    each falls well below its rate alone, they share a limit (host memory bandwidth)."""
+    size = path.stat().st_size
+    dev = torch.device("cuda")
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(size, dtype=torch.uint8, device=dev)
+    ring = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(threads + 2)]
+    views = [memoryview(b.numpy().data).cast("B") for b in ring]
+    starts = list(range(0, size, chunk))
+    fd = os.open(path, os.O_RDONLY)
+    stream = torch.cuda.Stream(dev)
+    try:
+
+        def read(i: int) -> None:
+            os.preadv(fd, [views[i % len(views)][: min(chunk, size - starts[i])]], starts[i])
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, range(len(starts))))
+            torch.cuda.synchronize(dev)
+            first = torch.cuda.Event(enable_timing=True)
+            last = torch.cuda.Event(enable_timing=True)
+            copies = 8
+            with torch.cuda.stream(stream):
+                first.record(stream)
+                for _ in range(copies):
+                    dst.copy_(host, non_blocking=True)
+                last.record(stream)
+            t0 = time.perf_counter()
+            passes = 0
+            while not last.query() and passes < 50:
+                list(pool.map(read, range(len(starts))))
+                passes += 1
+            host_s = time.perf_counter() - t0
+            torch.cuda.synchronize(dev)
+            h2d = copies * size / (first.elapsed_time(last) / 1e3) / 1e9
+    finally:
+        os.close(fd)
+    return (passes * size / host_s / 1e9 if passes else float("nan")), h2d
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, required=True)
@@ -73,27 +115,34 @@ def main() -> None:
     art = artifact(args.workdir)
     layer = next((art / "moe").glob("layer-*.safetensors"))
     nbytes = layer.stat().st_size
-    configs: list[tuple[int | None, int]] = [
-        (t, c << 20) for t in args.threads for c in args.chunks
+    configs: list[tuple[str, int | None, int]] = [
+        ("staged", t, c << 20) for t in args.threads for c in args.chunks
     ]
-    configs.append((None, CHUNK_BYTES))  # the defaults, as `load(root)` runs
+    configs.append(("staged", None, CHUNK_BYTES))  # the defaults, as `load(root)` runs
+    configs += [("registered", 16, c << 20) for c in (32, 128, 512)]
 
-    def once(threads: int | None, chunk: int) -> float:
+    def once(path: str, threads: int | None, chunk: int) -> float:
         torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        a = load(art, device=dev, backend="reference", read_threads=threads, chunk_bytes=chunk)
+        a = load(
+            art,
+            device=dev,
+            backend="reference",
+            read_threads=threads,
+            chunk_bytes=chunk,
+            host_path=path,
+        )
         torch.cuda.synchronize(dev)
         took = time.perf_counter() - t0
         del a
         return took
 
-    for t, c in configs:  # page cache, pinned-buffer cache, CUDA context
-        once(t, c)
-    times: dict[str, list[float]] = {}
+    for cfg in configs:  # page cache, pinned-buffer cache, CUDA context
+        once(*cfg)
+    times: dict[tuple[str, int | None, int], list[float]] = {}
     for _ in range(args.repeats):
-        for t, c in configs:
-            key = f"t{t or 'default'}_c{c >> 20}"
-            times.setdefault(key, []).append(once(t, c))
+        for cfg in configs:
+            times.setdefault(cfg, []).append(once(*cfg))
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     d = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     h2d = []
@@ -103,9 +152,10 @@ def main() -> None:
         d.copy_(host, non_blocking=True)
         torch.cuda.synchronize(dev)
         h2d.append(time.perf_counter() - t0)
+    del host, d
     pinned = nbytes / min(h2d) / 1e9
     ring = {
-        f"t{t}_c{c}": nbytes / pinned_ring_read(layer, t, c << 20) / 1e9
+        (t, c << 20): nbytes / pinned_ring_read(layer, t, c << 20) / 1e9
         for t in args.threads
         for c in args.chunks
     }
@@ -115,28 +165,39 @@ def main() -> None:
         f"{READ_THREADS}, chunk {CHUNK_BYTES >> 20} MiB; pinned H2D {pinned:.2f} GB/s\n"
     )
     print(
-        "| threads | chunk MiB | median GB/s | best GB/s | median / pinned H2D | "
+        "| host path | threads | chunk MiB | median GB/s | best GB/s | median / pinned H2D | "
         "host ring read alone GB/s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for key, ts in times.items():
-        t, c = key[1:].split("_c")
+    for (path, t, c), ts in times.items():
         med, best = nbytes / statistics.median(ts) / 1e9, nbytes / min(ts) / 1e9
-        alone = ring.get(key, float("nan"))
+        alone = ring.get((t or READ_THREADS, c), float("nan")) if path == "staged" else None
         rows.append(
             {
+                "host_path": path,
                 "threads": t,
-                "chunk_mib": int(c),
+                "chunk_mib": c >> 20,
                 "median": med,
                 "best": best,
                 "ring_read": alone,
                 "seconds": ts,
             }
         )
-        print(f"| {t} | {c} | {med:.2f} | {best:.2f} | {med / pinned:.2f} | {alone:.2f} |")
+        print(
+            f"| {path} | {t or f'default ({READ_THREADS})'} | {c >> 20} | {med:.2f} | "
+            f"{best:.2f} | {med / pinned:.2f} | {'-' if alone is None else f'{alone:.2f}'} |"
+        )
+    both_host, both_h2d = ring_read_beside_h2d(layer, READ_THREADS, CHUNK_BYTES)
+    alone = ring.get((READ_THREADS, CHUNK_BYTES), float("nan"))
+    print(
+        f"\nAt once on separate buffers ({READ_THREADS} threads, {CHUNK_BYTES >> 20} MiB): host "
+        f"ring read {both_host:.2f} GB/s (alone {alone:.2f}), pinned H2D {both_h2d:.2f} GB/s "
+        f"(alone {pinned:.2f})"
+    )
     if args.out:
-        args.out.write_text(json.dumps({"pinned_h2d": pinned, "rows": rows}, indent=2) + "\n")
+        out = {"pinned_h2d": pinned, "rows": rows, "at_once": [both_host, both_h2d]}
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
