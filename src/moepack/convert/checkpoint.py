@@ -120,6 +120,8 @@ class Files(Protocol):
 
     def size(self, name: str) -> int: ...
 
+    def ready(self, name: str) -> bool: ...
+
     def pass_through_files(self) -> list[str]: ...
 
 
@@ -164,6 +166,14 @@ class Checkpoint:
         return (
             self._source.size(name) if self._source is not None else self.path(name).stat().st_size
         )
+
+    def ready(self, tensors: list[str]) -> bool:
+        """Whether the shards holding `tensors` can be read now (a hub source's may still be
+        downloading)."""
+        if self._source is None:
+            return True
+        shards = {self.weight_map[t] for t in tensors if t in self.weight_map}
+        return all(self._source.ready(shard) for shard in shards)
 
     @property
     def shards(self) -> list[str]:

@@ -47,6 +47,15 @@ class MoELayer:
     def tensor(self, expert: int, role: str, part: str) -> str:
         return f"{self.prefix}.{expert}.{self.projs[role]}.{part}"
 
+    def tensors(self) -> list[str]:
+        """Every tensor a conversion of this layer reads."""
+        return [
+            self.tensor(e, role, part)
+            for e in range(self.num_experts)
+            for role in self.projs
+            for part in NVFP4_PARTS
+        ]
+
 
 def activation_of(config: dict[str, Any]) -> str:
     """The expert activation named by the config (`mlp_hidden_act` on Nemotron-H, else `hidden_act`)."""

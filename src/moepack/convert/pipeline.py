@@ -389,6 +389,11 @@ def _layer_files(
                 rel = fmt.layer_file(moe.layer)
                 rec = kept[moe.layer]
                 if rec is None:
+                    if inflight and not ckpt.ready(moe.tensors()):
+                        # Its shards are still downloading: record the layers in flight while
+                        # waiting, so that a conversion killed meanwhile keeps them.
+                        while inflight:
+                            yield _record(inflight.popleft(), state, bar)
                     t0 = time.perf_counter()
                     geo = geometry_of(ckpt, moe, pad_tile)
                     result = convert_layer(ckpt, moe, geo, mode, device, exact_fidelity)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from moepack.errors import HubError
 
-from .moe_layers import NVFP4_PARTS, MoELayer
+from .moe_layers import MoELayer
 
 if TYPE_CHECKING:
     from .hub import HubRepo
@@ -32,13 +32,7 @@ def download_order(
     wanted = set(names)
     order: dict[str, None] = {}
     for moe in layers:
-        needed = {
-            weight_map[t]
-            for e in range(moe.num_experts)
-            for role in moe.projs
-            for part in NVFP4_PARTS
-            if (t := moe.tensor(e, role, part)) in weight_map
-        }
+        needed = {weight_map[t] for t in moe.tensors() if t in weight_map}
         order.update(dict.fromkeys(sorted(needed & wanted)))
     shards = set(weight_map.values())
     rest = sorted(wanted - set(order), key=lambda n: (n not in shards, n))

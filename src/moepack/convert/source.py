@@ -169,6 +169,10 @@ class Source:
             (self.root / name).stat().st_size if self.repo is None else self.repo.files[name].size
         )
 
+    def ready(self, name: str) -> bool:
+        """Whether file `name` is there to read without waiting for its download."""
+        return self.repo is None or self.repo.verified(name)
+
     def download(self, layers: list[MoELayer], moe_only: bool) -> None:
         """Start downloading every file of the job in the background, in the order that lets
         `layers` (those still to convert, in conversion order) complete early; `path` waits
