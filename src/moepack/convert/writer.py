@@ -119,15 +119,24 @@ class _NoHasher:
 
 
 class _Sink:
-    """Where a file's bytes go: the file, the hasher, and a byte count."""
+    """Where a file's bytes go: the file, the hasher, and a byte count (reported to `progress`
+    after each write, once the bytes are in the page cache)."""
 
-    def __init__(self, f: BinaryIO, hasher: _Hasher | _NoHasher) -> None:
-        self.f, self.hasher, self.size = f, hasher, 0
+    def __init__(
+        self,
+        f: BinaryIO,
+        hasher: _Hasher | _NoHasher,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.f, self.hasher, self.size, self.progress = f, hasher, 0, progress
 
     def write(self, data: bytes | memoryview) -> None:
         self.hasher.update(data)
         self.f.write(data)
         self.size += len(data)
+        if self.progress is not None:
+            self.f.flush()
+            self.progress(self.size)
 
 
 @contextmanager
@@ -285,6 +294,7 @@ def write_safetensors(
     release: bool = False,
     digest: bool = True,
     deferred: list[Callable[[], None]] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> WrittenFile:
     """Write a safetensors file atomically, hashing as it goes (no second read).
 
@@ -292,7 +302,9 @@ def write_safetensors(
     is written, so a file written in the background frees its memory as it goes.
     `digest=False` skips the hash (`sha256` is "") for a caller that hashes the finished file
     itself: memory is then freed at the disk's pace, not sha256's, and several files can be
-    hashed at once on other cores.
+    hashed at once on other cores. `progress(n)` is called after each write with the bytes
+    written so far (the temporary file, `final + TMP_SUFFIX`, holds them): a reader of the
+    file may follow the writer.
     """
     blobs = [(n, t if isinstance(t, Blob) else Blob.of(t)) for n, t in tensors]
     if release:
@@ -307,7 +319,7 @@ def write_safetensors(
         _Hasher() if digest else _NoHasher() as hasher,
         atomic_open(root / relpath, size, deferred) as f,
     ):
-        out = _Sink(f, hasher)
+        out = _Sink(f, hasher, progress)
         out.write(header)
         for i, (name, item) in enumerate(plan):
             if isinstance(item, int):
