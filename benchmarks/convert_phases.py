@@ -15,12 +15,13 @@ import argparse
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fastckpt
 import torch
 
-from moepack.convert import source, transform
+from moepack.convert import pipeline, source, transform
 from moepack.convert.checkpoint import Checkpoint
 from moepack.convert.moe_layers import find_moe_layers
 from moepack.convert.writer import Blob, write_safetensors
@@ -90,6 +91,17 @@ def main() -> None:
     )
     phase("sha256 of the written file, read back", lambda: sha256_file(out / "b.safetensors"))
 
+    def pipeline_write() -> None:
+        """What convert does with a layer file: write, hash following the write, fsync beside."""
+        with ThreadPoolExecutor(pipeline.HASH_WORKERS) as pool:
+            _, hashing, syncing = pipeline._write_layer(
+                out, "d.safetensors", list(result.tensors), {}, pool
+            )
+            hashing.result()
+            syncing.result()
+
+    phase("write + sha256 following it + fsync beside (convert's path)", pipeline_write)
+
     def alongside(name: str, other) -> None:  # noqa: ANN001
         """convert_layer while `other` runs in a thread: what the pipeline overlaps."""
         t = threading.Thread(target=other)
@@ -105,7 +117,7 @@ def main() -> None:
         lambda: write_safetensors(out, "c.safetensors", list(result.tensors), {}, digest=False),
     )
     alongside("a written file is hashed back", lambda: sha256_file(out / "b.safetensors"))
-    for f in ("a.safetensors", "b.safetensors", "c.safetensors"):
+    for f in ("a.safetensors", "b.safetensors", "c.safetensors", "d.safetensors"):
         (out / f).unlink()
     width = max(map(len, times))
     print("| phase (one layer, warm) | s |\n|---|---:|")
