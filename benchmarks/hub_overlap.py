@@ -62,7 +62,10 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "layers_converted_at": la
 
 
 def checkpoint(workdir: Path, layers: int, experts: int) -> Path:
-    """Super geometry (H 1024, n 2688) with `experts` experts a layer, made once, then reused."""
+    """Super geometry (H 1024, n 2688) with `experts` experts a layer, made once, then reused
+    (with all 512 experts, the same checkpoint as `convert.py`'s in the same workdir)."""
+    if experts == synthetic.super_layer_spec().num_experts:
+        return fastckpt.super_checkpoint(workdir / f"super-{layers}layer-fast", layers)
     root = workdir / f"hub-{layers}x{experts}"
     base = synthetic.super_layer_spec()
     spec = synthetic.SyntheticSpec(
