@@ -69,11 +69,17 @@ class Prefetch:
 
     def _run(self, repo: HubRepo, names: list[str], progress: bool) -> None:
         error: BaseException = HubError(f"the download of {repo.repo_id} was stopped")
+        last: Path | None = None
         try:
             for name, path in repo.fetch_each(names, progress=progress, stop=self._stop):
-                self._files[name].set_result(path)
+                if name == names[-1]:
+                    last = path  # handed over once the progress bar is closed, not under output
+                else:
+                    self._files[name].set_result(path)
         except BaseException as exc:  # handed to whoever waits for a file not yet fetched
             error = exc
+        if last is not None:
+            self._files[names[-1]].set_result(last)
         for future in self._files.values():
             if not future.done():
                 future.set_exception(error)
