@@ -208,10 +208,10 @@ def test_corrupted_last_shard_fails_cleanly_and_a_rerun_keeps_layer_1(
     _same_bytes(out, by_mode[("super", "baked")])
 
 
-def _saved(home: Path, sha256: str) -> int:
-    """How many bytes of the held shard its `.part` file holds (all the whole 4 KiB chunks sent
-    before the hold; the client's reader may keep back the last one)."""
-    parts = list(home.glob(f"hub/*/blobs/{sha256}.part"))
+def _saved(cache: Path, sha256: str) -> int:
+    """How many bytes of a held shard its `.part` file in the HF `cache` holds (all the whole
+    4 KiB chunks sent before the hold; the client's reader may keep back the last one)."""
+    parts = list(cache.glob(f"*/blobs/{sha256}.part"))
     return parts[0].stat().st_size if parts else 0
 
 
@@ -255,12 +255,12 @@ def test_stopped_during_the_download_a_rerun_resumes_it_and_keeps_layer_1(
             while not (
                 waiting.is_set()
                 and layer_file(1) in _recorded(out)
-                and _saved(home, sha) >= HELD_AT - 4096
+                and _saved(home / "hub", sha) >= HELD_AT - 4096
             ):
                 assert child.poll() is None, child.communicate()
                 assert time.monotonic() < deadline, "layer 1 was not recorded during the download"
                 time.sleep(0.05)
-            saved = _saved(home, sha)
+            saved = _saved(home / "hub", sha)
             child.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
             _, err = child.communicate(timeout=60)  # the downloader thread does not hold exit
         finally:
@@ -269,7 +269,7 @@ def test_stopped_during_the_download_a_rerun_resumes_it_and_keeps_layer_1(
         if how == "ctrl-c":
             assert child.returncode == 130, err
             assert "kept 1 of 2 finished MoE layers" in err and "Traceback" not in err
-        assert _saved(home, sha) == saved  # the partial transfer is still there
+        assert _saved(home / "hub", sha) == saved  # the partial transfer is still there
         hub.clear_faults()
         hub.clear_requests()
         summary = convert_checkpoint(
@@ -280,3 +280,39 @@ def test_stopped_during_the_download_a_rerun_resumes_it_and_keeps_layer_1(
     assert summary["kept_layers"] == 1
     assert verify_artifact(out).exit_code == 0
     _same_bytes(out, by_mode[("super", "baked")])
+
+
+def test_a_failed_conversion_stops_its_download(checkpoints, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from moepack.convert import prefetch
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 4096)  # a progress update a chunk
+    real = prefetch.Prefetch.wait
+
+    def interrupted(self: prefetch.Prefetch, name: str) -> Path:
+        if name == SHARDS[1]:  # Ctrl-C while layer 1 waits for its second shard, held mid-way
+            deadline = time.monotonic() + 60
+            while _saved(tmp_path / "cache", sha) < HELD_AT - 4096:
+                assert time.monotonic() < deadline, "the held shard's bytes never arrived"
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+        return real(self, name)
+
+    monkeypatch.setattr(prefetch.Prefetch, "wait", interrupted)
+    with FakeHub() as hub:
+        hub.add_repo("acme/super", checkpoints["super"])
+        sha = hub.file_entry("acme/super", SHARDS[1]).sha256
+        size = hub.file_entry("acme/super", SHARDS[1]).size
+        waiting = hub.stall(SHARDS[1], at=HELD_AT)
+        with pytest.raises(KeyboardInterrupt):
+            convert_checkpoint("acme/super", tmp_path / "art", **_hub_args(hub, tmp_path))
+        assert waiting.wait(60)
+        hub.release(SHARDS[1])  # bytes flow again: the stopped download ends at the next chunk
+        deadline = time.monotonic() + 60
+        while any(t.name == "moepack-download" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the download went on after the conversion failed"
+            time.sleep(0.05)
+        assert SHARDS[2] not in _downloads(hub), "a shard was fetched after the stop"
+    assert not list((tmp_path / "cache").glob(f"*/blobs/{sha}"))  # never completed
+    assert HELD_AT - 4096 <= _saved(tmp_path / "cache", sha) < size  # kept for a rerun
