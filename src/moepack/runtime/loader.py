@@ -80,7 +80,8 @@ buffers stays a few hundred MiB."""
 READ_THREADS = min(16, os.cpu_count() or 1)
 """Threads reading chunks in parallel. One thread copies ~7 GB/s out of the page cache on the
 16-core H100 host, 16 threads 33.5 GB/s (8: 26.2, 4: 17.6; benchmarks/load.py); pinned H2D
-runs ~45-55 GB/s."""
+runs ~45-55 GB/s. More threads than cores are slower (16-core H200 host: warm loads 28 GB/s
+with 16 threads, 24-26 with 24 or 32; benchmarks/load_sweep.py)."""
 
 HOST_PATHS = ("staged", "registered")
 HOST_PATH = "staged"
