@@ -2,6 +2,10 @@
 # Every GPU-host benchmark in one call (the lent machine is billed by the minute): machine facts,
 # load, convert, verify; tables and JSON under $OUT. Run from the repository root:
 #     OUT=/some/dir bash benchmarks/device_run.sh [limits] [sweep] [load] [convert] [phases] [verify] [verify1] [hub]
+# `hub` needs the huggingface_hub of constraints.txt (2.4.0; the H200 image has 1.33): carry its
+# wheels and their new dependencies (httpx2, httpcore2, truststore, hf-xet) and install them with
+# `pip install --no-index --no-deps --target /tmp/site` + PYTHONPATH=/tmp/site first.
+# The 8 files a call brings back: copy the .md tables out and tar the rest.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/moepack-bench-out}
