@@ -991,17 +991,24 @@ def test_progress_bars_on_a_terminal(
 
 
 SLOW_SECOND_LAYER = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
 from moepack.convert import pipeline
 from moepack.cli import main
 
+# Ctrl-C reaches a foreground process; one started with SIGINT ignored (a background job of a
+# non-interactive shell, as a CI runner may start pytest) would keep ignoring it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ready, calls, real = pathlib.Path(sys.argv[1]), [], pipeline.convert_layer
 
 def convert_layer(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:  # layer 1 is converted and being written: a user presses Ctrl-C now
         ready.write_text("converting layer 3")
-        time.sleep(120)
+        # Busy for up to 120 s, as a conversion is: back in the interpreter every 50 ms. One
+        # time.sleep(120) is not: a SIGINT handled just before it starts waits it out.
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            time.sleep(0.05)
     return real(*args, **kwargs)
 
 pipeline.convert_layer = convert_layer
