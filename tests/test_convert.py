@@ -252,6 +252,12 @@ BAD_INPUTS = [
         lambda t, n: t.__setitem__(n, t[n][:-16]),
         "expected uint8",
     ),
+    (
+        "wrong block-scale shape",
+        "backbone.layers.3.mixer.experts.6.down_proj.weight_scale",
+        lambda t, n: t.__setitem__(n, t[n][:-1]),
+        "expected float8_e4m3fn",
+    ),
 ]
 
 

@@ -315,6 +315,19 @@ class _Payload:
         return Blob("U8", self.shape, self.nbytes, chunks)
 
 
+def _check_entry(ckpt: Checkpoint, name: str, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """Refuse an expert tensor whose header dtype or shape is not what the geometry needs, before
+    a byte of it is read (scales into the layer buffer, payload streamed to the file)."""
+    entry = ckpt.locate(name)[1]
+    found = TORCH_DTYPES[entry.dtype]  # locate refuses dtypes torch has no type for
+    if found != dtype or tuple(entry.shape) != shape:
+        raise CheckpointError(
+            f"{name}: expected {str(dtype).removeprefix('torch.')} {list(shape)}, got "
+            f"{str(found).removeprefix('torch.')} {list(entry.shape)}",
+            tensor=name,
+        )
+
+
 def _load_proj(
     ckpt: Checkpoint,
     moe: MoELayer,
@@ -336,20 +349,8 @@ def _load_proj(
     s_names = [[moe.tensor(e, r, "weight_scale") for r in roles] for e in range(e_count)]
     for e in range(e_count):
         for h in range(halves):
-            w = ckpt.locate(w_names[e][h])[1]
-            if w.dtype != "U8" or tuple(w.shape) != (rows, k // 2):
-                raise CheckpointError(
-                    f"{w_names[e][h]}: expected uint8 [{rows}, {k // 2}], got "
-                    f"{TORCH_DTYPES[w.dtype]}{list(w.shape)}",
-                    tensor=w_names[e][h],
-                )
-            s = ckpt.locate(s_names[e][h])[1]
-            if s.dtype != "F8_E4M3" or tuple(s.shape) != (rows, k // 16):
-                raise CheckpointError(
-                    f"{s_names[e][h]}: expected float8_e4m3fn [{rows}, {k // 16}], got "
-                    f"{TORCH_DTYPES[s.dtype]}{list(s.shape)}",
-                    tensor=s_names[e][h],
-                )
+            _check_entry(ckpt, w_names[e][h], torch.uint8, (rows, k // 2))
+            _check_entry(ckpt, s_names[e][h], torch.float8_e4m3fn, (rows, k // 16))
     where = [[_located(ckpt, name) for name in per_expert] for per_expert in w_names]
     payload = _Payload(ckpt, w_names, where, rows, k // 2, rows_p, k_p // 2)
     sf = torch.empty((e_count, rows_p * halves, k_p // 16), dtype=torch.uint8)
