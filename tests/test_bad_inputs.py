@@ -591,7 +591,14 @@ ROWS: list[Row] = [
         "convert --device cuda without CUDA",
         _convert_on("cuda"),
         2,
-        (r"device 'cuda'", r"no CUDA", r"--device cpu"),
+        (r"device 'cuda'", r"without CUDA", r"available: cpu", r"--device cpu"),
+        after=_no_out_dir,
+    ),
+    Row(
+        "convert --device mps",
+        _convert_on("mps"),
+        2,
+        (r"device 'mps'", r"conversion runs on 'cpu' or 'cuda' only", r"--device cpu"),
         after=_no_out_dir,
     ),
     Row(
@@ -606,6 +613,13 @@ ROWS: list[Row] = [
         _load(device="cuda"),
         2,
         (r"device 'cuda'", r"without CUDA", r"available: cpu", r"backend='reference'"),
+        leaves=lambda ctx: [],
+    ),
+    Row(
+        "load(device='gpu0')",
+        _load(device="gpu0"),
+        2,
+        (r"device 'gpu0' is not a device name", r"cpu, cuda or cuda:N"),
         leaves=lambda ctx: [],
     ),
     Row(

@@ -31,7 +31,6 @@ import moepack
 from moepack import sha256chain
 from moepack.errors import (
     CheckpointError,
-    CompatibilityError,
     ConvertError,
     DiskSpaceError,
     UsageError,
@@ -50,6 +49,7 @@ from moepack.format import (
 from moepack.format import constants as fmt
 from moepack.format.flashinfer import DEFAULT_PAD_TILE, PAD_TILES, copy_free_releases
 from moepack.format.validate import manifest_errors
+from moepack.runtime.devices import check_device
 from moepack.runtime.verify import sha256_file
 
 from .checkpoint import (
@@ -226,39 +226,6 @@ def _remove_files(out: Path, rels: Iterable[str]) -> None:
         path = out / rel
         if path.is_symlink() or (path.is_file() and path.resolve().is_relative_to(root)):
             path.unlink()
-
-
-def _check_device(device: str) -> None:
-    """Refuse a device the per-layer arithmetic cannot run on, before anything is read or made."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(
-            f"device {device!r} is not a device name: use cpu, cuda or cuda:N", found=device
-        ) from None
-    if dev.type == "cpu":
-        return
-    if dev.type != "cuda":
-        raise UsageError(
-            f"device {device!r}: conversion runs on cpu or cuda (the bytes are the same)",
-            found=device,
-        )
-    if not torch.cuda.is_available():
-        why = (
-            "this torch build has no CUDA"
-            if torch.version.cuda is None
-            else "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver)"
-        )
-        raise CompatibilityError(
-            f"device {device!r}: {why} (torch {torch.__version__}); use --device cpu, which "
-            "writes the same bytes",
-            found=device,
-        )
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise CompatibilityError(
-            f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible",
-            found=device,
-        )
 
 
 class _NoBar:
@@ -667,7 +634,11 @@ def convert_checkpoint(
         raise UsageError(f"b12x scales {b12x_scales!r}: choose one of {', '.join(fmt.B12X_MODES)}")
     if pad_tile not in PAD_TILES:
         raise UsageError(f"pad tile {pad_tile!r}: choose one of {', '.join(map(str, PAD_TILES))}")
-    _check_device(device)
+    check_device(  # before anything is read or made
+        device,
+        only="conversion runs on 'cpu' or 'cuda' only",
+        hint="use --device cpu, which writes the same bytes",
+    )
     t0 = time.perf_counter()
     _limit_malloc_arenas()
     out = Path(out)

@@ -60,6 +60,7 @@ from moepack.format.validate import read_manifest, validate_artifact
 from moepack.sizes import human_bytes
 
 from . import hostmem
+from .devices import check_device
 from .dtypes import TORCH_DTYPES
 from .flashinfer_env import check_environment, warn_runtime_copies
 from .hybrid import (
@@ -167,7 +168,16 @@ def load(
     start = time.perf_counter()
     root = Path(root)
     manifest = read_manifest(root)
-    dev = _device(device)
+    dev = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None
+        else check_device(
+            device,
+            only="moepack loads artifacts onto 'cpu' or 'cuda' only (the tensors would stay on "
+            "the CPU)",
+            hint="load(DIR, device='cpu', backend='reference') runs every layer on the CPU",
+        )
+    )
     if isinstance(capability, str):
         if capability != "detect":
             raise UsageError(
@@ -218,47 +228,6 @@ def load(
 
 
 # -- compatibility ----------------------------------------------------------------------------
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    """The device to load onto; refused with what is available when it cannot hold the tensors
-    (a CUDA request on CPU torch, a device type the loader does not place tensors on)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(
-            f"device {device!r} is not a device name: use 'cpu', 'cuda' or 'cuda:N'", found=device
-        ) from None
-    if dev.type == "cpu":
-        return dev
-    hint = "load(DIR, device='cpu', backend='reference') runs every layer on the CPU"
-    if dev.type != "cuda":
-        raise CompatibilityError(
-            f"device {str(dev)!r}: moepack loads artifacts onto 'cpu' or 'cuda' only (the "
-            f"tensors would stay on the CPU); {hint}",
-            found=str(dev),
-        )
-    if not torch.cuda.is_available():
-        why = (
-            f"this torch ({torch.__version__}) is built without CUDA"
-            if torch.version.cuda is None
-            else f"no CUDA GPU is visible to this torch ({torch.__version__})"
-        )
-        raise CompatibilityError(
-            f"device {str(dev)!r}: {why}; available: cpu. {hint}; for GPUs install a CUDA "
-            "build of torch",
-            found=str(dev),
-        )
-    count = torch.cuda.device_count()
-    if dev.index is not None and dev.index >= count:
-        raise CompatibilityError(
-            f"device {str(dev)!r}: only {count} CUDA device(s) visible "
-            f"({', '.join(f'cuda:{i}' for i in range(count))})",
-            found=str(dev),
-        )
-    return dev
 
 
 def _capability(dev: torch.device) -> Capability:
