@@ -52,6 +52,8 @@ CONFIG = "config.json"
 HEAD_READ = 64 * 1024
 """Bytes of a remote shard asked for first to read its header (a second request gets the rest
 of a longer one)."""
+REMOTE_HEADERS = 8
+"""Ranged header reads in flight at once."""
 
 
 @dataclass
@@ -144,15 +146,27 @@ class Source:
         return self.root / name
 
     def header(self, name: str) -> Header:
-        """A safetensors file's header. A hub source reads that of a file it has not fetched
-        with a ranged request: planning a conversion needs every shard's header first."""
+        """A safetensors file's header. A hub source reads those of files it has not fetched
+        with ranged requests: planning a conversion needs every shard's header first, so the
+        first such read fetches all the shards' headers at once (one round trip, not one a
+        shard)."""
         if name not in self._headers:
             if self.repo is None or self.repo.verified(name):
                 self._headers[name] = read_header(self.path(name))
             else:
-                self._headers[name] = self._remote_header(name)
-                self._remote_headers.add(name)
+                shards = set(self.weight_map.values()) if self._has_weight_map() else set()
+                names = [name] + sorted(
+                    s for s in shards - {name} - set(self._headers) if not self.repo.verified(s)
+                )
+                with ThreadPoolExecutor(min(len(names), REMOTE_HEADERS)) as pool:
+                    headers = list(pool.map(self._remote_header, names))
+                for n, header in zip(names, headers, strict=True):
+                    self._headers[n] = header
+                    self._remote_headers.add(n)
         return self._headers[name]
+
+    def _has_weight_map(self) -> bool:
+        return "weight_map" in self.__dict__  # the cached property is computed (it may need us)
 
     def _remote_header(self, name: str) -> Header:
         assert self.repo is not None
