@@ -216,7 +216,10 @@ def _saved(cache: Path, sha256: str) -> int:
 
 
 CHILD = """
-import sys
+import signal, sys
+# Ctrl-C reaches a foreground process; one started with SIGINT ignored (a background job of a
+# non-interactive shell, as a CI runner may start pytest) would keep ignoring it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from huggingface_hub import constants
 constants.DOWNLOAD_CHUNK_SIZE = 4096  # so that a held transfer leaves its bytes in .part
 from moepack.cli import main
