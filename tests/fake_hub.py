@@ -178,6 +178,7 @@ class FakeHub:
         self._repos: dict[str, _Repo] = {}
         self._interrupts: dict[tuple[str | None, str], list[int]] = {}  # [after_bytes, times]
         self._corrupt: set[tuple[str | None, str]] = set()
+        self._ignore_range: set[tuple[str | None, str]] = set()
         self._lock = threading.RLock()
         self._hub_server: ThreadingHTTPServer | None = None
         self._cdn_server: ThreadingHTTPServer | None = None
@@ -320,6 +321,12 @@ class FakeHub:
         with self._lock:
             self._corrupt.add((repo_id, filename))
 
+    def ignore_range(self, filename: str, repo_id: str | None = None) -> None:
+        """Answer GETs of ``filename`` with the whole file (200) whatever their ``Range``, as a
+        CDN that drops the header does. Stays in effect until ``clear_faults()``."""
+        with self._lock:
+            self._ignore_range.add((repo_id, filename))
+
     def stall(self, filename: str, at: int, repo_id: str | None = None) -> threading.Event:
         """GETs serving ``filename``'s byte ``at`` send the bytes before it, then wait for
         ``release(filename)`` (or ``clear_faults()``/``stop()``) before sending the rest.
@@ -339,6 +346,7 @@ class FakeHub:
         with self._lock:
             self._interrupts.clear()
             self._corrupt.clear()
+            self._ignore_range.clear()
             stalls = list(self._stalls.values())
             self._stalls.clear()
         for _, _, go in stalls:
@@ -376,6 +384,10 @@ class FakeHub:
     def _is_corrupt(self, repo_id: str, filename: str) -> bool:
         with self._lock:
             return (repo_id, filename) in self._corrupt or (None, filename) in self._corrupt
+
+    def _ignores_range(self, repo_id: str, filename: str) -> bool:
+        with self._lock:
+            return bool({(repo_id, filename), (None, filename)} & self._ignore_range)
 
     # ------------------------------------------------------------------ request log
     def file_requests(self, filename: str, method: str | None = None) -> list[RecordedRequest]:
@@ -737,7 +749,7 @@ class _Handler(BaseHTTPRequestHandler):
         size = len(data)
         status, start, end = 200, 0, size - 1
         range_header = self.headers.get("Range")
-        if range_header and size > 0:
+        if range_header and size > 0 and not self.hub._ignores_range(repo_id, entry.path):
             rng = _parse_range(range_header, size)
             if rng is not None:
                 status, (start, end) = 206, rng

@@ -13,6 +13,7 @@ import pytest
 from fake_hub import FakeHub
 from huggingface_hub import constants, file_download
 
+from moepack.convert import hub as hub_module
 from moepack.convert.hub import HubError, HubRepo, open_repo
 
 pytestmark = pytest.mark.usefixtures("isolated_hf")
@@ -153,6 +154,63 @@ def test_interrupted_download_resumes_in_next_call(
     assert resumed.range == f"bytes={saved}-" and resumed.status == 206
     assert resumed.bytes_sent == len(WEIGHTS) - saved
     assert not part.exists()
+
+
+def _read_backs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files the client hashes by reading them back from disk after their transfer."""
+    seen: list[str] = []
+    verify = hub_module._verify
+
+    def recording(path: Path, rf):  # noqa: ANN001, ANN202 - hub_module._verify's signature
+        seen.append(rf.path)
+        return verify(path, rf)
+
+    monkeypatch.setattr(hub_module, "_verify", recording)
+    return seen
+
+
+def test_shard_hashed_as_it_arrives_not_read_back(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LFS shard's sha256 comes from the bytes as they were written: no second read of it.
+    Small files (git blobs, through hf_hub_download) are still read back."""
+    read_backs = _read_backs(monkeypatch)
+    repo = _open(hub, cache)
+    assert repo.fetch([SHARD, "config.json"])[SHARD].read_bytes() == WEIGHTS
+    assert repo.sha256_of(SHARD) == hashlib.sha256(WEIGHTS).hexdigest()
+    assert read_backs == ["config.json"]
+    _open(hub, cache).fetch([SHARD])  # already cached: nothing hashed it as it arrived
+    assert read_backs == ["config.json", SHARD]
+
+
+def test_resume_from_a_server_that_ignores_range(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that answers a resume's Range with the whole file (200): http_get truncates the
+    .part and writes it all again, and the hash restarts with it."""
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
+    part = _storage(cache) / "blobs" / f"{hashlib.sha256(WEIGHTS).hexdigest()}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(WEIGHTS[:50_000])
+    hub.ignore_range(SHARD)
+    read_backs = _read_backs(monkeypatch)
+    repo = _open(hub, cache)
+    assert repo.fetch([SHARD])[SHARD].read_bytes() == WEIGHTS
+    (whole,) = _gets(hub, SHARD)
+    assert whole.range == "bytes=50000-" and whole.status == 200
+    assert repo.sha256_of(SHARD) == hashlib.sha256(WEIGHTS).hexdigest() and read_backs == []
+
+
+def test_saved_bytes_that_rotted_are_caught_after_the_resume(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash covers the bytes an earlier call saved, as they are on disk now: a .part that
+    went bad meanwhile fails the check and the file is fetched again whole."""
+    part = _storage(cache) / "blobs" / f"{hashlib.sha256(WEIGHTS).hexdigest()}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" + WEIGHTS[1:50_000])
+    assert _open(hub, cache).fetch([SHARD])[SHARD].read_bytes() == WEIGHTS
+    assert [r.range for r in _gets(hub, SHARD)] == ["bytes=50000-", None]
 
 
 def test_dead_link_that_saved_nothing_does_not_promise_a_resume(

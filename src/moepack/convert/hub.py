@@ -10,7 +10,8 @@ What this module adds:
 * The revision is resolved once to a commit and every download is pinned to it, so a branch
   that moves mid-conversion cannot mix two revisions.
 * Every fetched file is hashed and compared with the Hub listing (LFS sha256, or the git blob
-  sha1 for small files). A mismatch gets one forced refetch, then a ``HubError``; a bad blob is
+  sha1 for small files); a resumable transfer hashes its bytes as it writes them, so a shard is
+  not read back once it has arrived. A mismatch gets one forced refetch, then a ``HubError``; a bad blob is
   evicted from the cache so nothing serves it later.
 * Cross-call resume for LFS files served over plain HTTP: bytes go to
   ``blobs/<sha256>.part`` in the standard cache, which survives a killed process; the next call
@@ -34,7 +35,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import httpx2
 from huggingface_hub import (
@@ -204,8 +205,8 @@ class HubRepo:
         if rf.path in self._sha256:
             return self._pointer(rf)
         for force in (False, True):
-            path = self._download(rf, bar, force=force)
-            sha256, ok = _verify(path, rf)
+            path, streamed = self._download(rf, bar, force=force)
+            sha256, ok = (streamed, streamed == rf.sha256) if streamed else _verify(path, rf)
             if ok:
                 self._sha256[rf.path] = sha256
                 return path
@@ -216,11 +217,16 @@ class HubRepo:
             f"sha256 {expected}, got {sha256}; the bad copy was removed from the cache"
         )
 
-    def _download(self, rf: RemoteFile, bar: type[_ForwardBar], *, force: bool) -> Path:
-        """One attempt: resumable transfer of LFS blobs, then hf_hub_download to link/fetch."""
+    def _download(
+        self, rf: RemoteFile, bar: type[_ForwardBar], *, force: bool
+    ) -> tuple[Path, str | None]:
+        """One attempt: resumable transfer of LFS blobs, then hf_hub_download to link/fetch.
+        Also the sha256 of the bytes this attempt transferred, where it hashed them as they
+        were written (None: the caller reads the file back to hash it)."""
+        streamed = None
         try:
             if rf.sha256 is not None and not force:
-                self._resume_lfs_blob(rf, bar)
+                streamed = self._resume_lfs_blob(rf, bar)
             path = hf_hub_download(
                 self.repo_id,
                 rf.path,
@@ -238,7 +244,7 @@ class HubRepo:
             raise HubError(
                 _scrub(f"cannot download {self._where(rf.path)}: {reason}", self._token)
             ) from err
-        return Path(path)
+        return Path(path), streamed
 
     def _resume_hint(self, rf: RemoteFile) -> str:
         """What a rerun will do with this file: resume only if bytes were actually saved."""
@@ -248,23 +254,25 @@ class HubRepo:
             return f"; {saved} of {rf.size} bytes saved: rerun to resume from there"
         return "; nothing of this file was saved: a rerun downloads it from the start"
 
-    def _resume_lfs_blob(self, rf: RemoteFile, bar: type[_ForwardBar]) -> None:
-        """Fill ``blobs/<sha256>`` from a persistent ``.part`` file, resuming where it stopped."""
+    def _resume_lfs_blob(self, rf: RemoteFile, bar: type[_ForwardBar]) -> str | None:
+        """Fill ``blobs/<sha256>`` from a persistent ``.part`` file, resuming where it stopped;
+        the sha256 of the finished blob, hashed as its bytes were written (so that a shard is
+        not read back from disk once it has arrived), or None where this wrote nothing."""
         assert rf.sha256 is not None
         blob = self._storage / "blobs" / rf.sha256
         if blob.exists():
-            return
+            return None
         url = hf_hub_url(self.repo_id, rf.path, revision=self.commit, endpoint=self.endpoint)
         meta = get_hf_file_metadata(url, token=self._token, endpoint=self.endpoint)
         if meta.etag != rf.sha256 or (meta.xet_file_data is not None and is_xet_available()):
-            return  # not where hf_hub_download would look, or hf_xet's job: leave it to it
+            return None  # not where hf_hub_download would look, or hf_xet's job: leave it to it
         part = blob.with_name(f"{rf.sha256}.part")
         lock = self.cache_dir / ".locks" / self._storage.name / f"{rf.sha256}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         part.parent.mkdir(parents=True, exist_ok=True)
         with WeakFileLock(lock):
             if blob.exists():
-                return
+                return None
             done = part.stat().st_size if part.exists() else 0
             if done > rf.size:
                 part.unlink()
@@ -272,15 +280,17 @@ class HubRepo:
             bar.total_bar.update(done)
             # Follows the 302 to the CDN; httpx drops Authorization on the cross-origin hop.
             with part.open("ab") as f:
+                sink = _HashingSink(f, part)
                 http_get(
                     url,
-                    f,
+                    cast(BinaryIO, sink),
                     resume_size=done,
                     headers=build_hf_headers(token=self._token),
                     expected_size=rf.size,
                     tqdm_class=bar,  # type: ignore[arg-type]
                 )
             os.replace(part, blob)  # verified by the caller; evicted there if wrong
+            return sink.hexdigest()
 
     def _pointer(self, rf: RemoteFile) -> Path:
         return self._storage / "snapshots" / self.commit / Path(*rf.path.split("/"))
@@ -340,6 +350,42 @@ class _ForwardBar:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+class _HashingSink:
+    """The ``.part`` file as handed to ``http_get``: hashes each chunk as it appends it, after
+    the bytes an earlier call saved. ``http_get`` truncates the file when a server ignores
+    ``Range`` and sends it whole; the hash then restarts from what is left."""
+
+    def __init__(self, f: BinaryIO, path: Path) -> None:
+        self._f, self._path = f, path
+        self._sha256 = self._hash_saved()
+
+    def write(self, data: bytes) -> int:
+        self._sha256.update(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        end = self._f.truncate(size)
+        self._sha256 = self._hash_saved()
+        return end
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()
+
+    def _hash_saved(self) -> Any:
+        self._f.flush()
+        sha256 = hashlib.sha256()
+        with self._path.open("rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                sha256.update(block)
+        return sha256
 
 
 def _forwarding(bar: tqdm, stop: threading.Event | None = None) -> type[_ForwardBar]:
