@@ -9,6 +9,7 @@ layers' shards soonest.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, wait
@@ -21,6 +22,8 @@ from .moe_layers import MoELayer
 
 if TYPE_CHECKING:
     from .hub import HubRepo
+
+log = logging.getLogger(__name__)
 
 
 def download_order(
@@ -76,6 +79,7 @@ class Prefetch:
                     last = path  # handed over once the progress bar is closed, not under output
                 else:
                     self._files[name].set_result(path)
+            log.info("download finished: %d files", len(names))
         except BaseException as exc:  # handed to whoever waits for a file not yet fetched
             error = exc
         if last is not None:
