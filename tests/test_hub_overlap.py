@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from fake_hub import FakeHub
 
-from moepack.convert import pipeline
+from moepack.convert import pipeline, prefetch
 from moepack.convert.checkpoint import Checkpoint
 from moepack.convert.hub import HubRepo
 from moepack.convert.moe_layers import find_moe_layers
@@ -62,6 +62,7 @@ def test_first_layer_converts_while_the_last_shard_is_held(
     checkpoints, by_mode, tmp_path, monkeypatch
 ):
     seen: list[tuple[int, bool, bool]] = []
+    intervals = [sys.getswitchinterval()]
     real = pipeline.convert_layer
 
     def convert_layer(ckpt: Checkpoint, moe: Any, *args: Any, **kwargs: Any) -> Any:
@@ -69,6 +70,8 @@ def test_first_layer_converts_while_the_last_shard_is_held(
             waiting.wait(60)  # the download reaches the hold in the last shard
         last_done = any((tmp_path / "cache").glob(f"*/blobs/{sha}"))
         seen.append((moe.layer, waiting.is_set(), last_done))
+        if moe.layer == 1:
+            intervals.append(sys.getswitchinterval())
         result = real(ckpt, moe, *args, **kwargs)
         hub.release(LAST)  # layer 1 is converted; let the download finish
         return result
@@ -88,6 +91,9 @@ def test_first_layer_converts_while_the_last_shard_is_held(
     # Layer 1 converted while the last shard was held mid-transfer; layer 3 once it was there.
     assert seen == [(1, True, False), (3, True, True)], seen
     assert order == SHARDS, order  # each shard once, in the order the layers need them
+    # The GIL is handed over more often while the download runs, as before once it is done.
+    assert intervals == [intervals[0], prefetch.SWITCH_INTERVAL_S], intervals
+    assert sys.getswitchinterval() == intervals[0]
     assert summary["moe_layers"] == 2
     assert verify_artifact(tmp_path / "art").exit_code == 0
     _same_bytes(tmp_path / "art", by_mode[("super", "baked")])
@@ -287,8 +293,6 @@ def test_stopped_during_the_download_a_rerun_resumes_it_and_keeps_layer_1(
 
 def test_a_failed_conversion_stops_its_download(checkpoints, tmp_path, monkeypatch):
     from huggingface_hub import constants
-
-    from moepack.convert import prefetch
 
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 4096)  # a progress update a chunk
     real = prefetch.Prefetch.wait
