@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
+from moepack.libc import libc
+
 CHUNK = 64 << 20
 """Bytes between recorded states (a multiple of SHA-256's 64-byte block)."""
 
@@ -95,25 +97,6 @@ class Region:
         return memoryview((ctypes.c_char * self.n).from_address(self.addr)).cast("B")
 
 
-@cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    except (OSError, AttributeError):
-        return None
-    return lib
-
-
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 WINDOW = 8 << 20
 """Bytes mapped at a time by `file_pieces`: small, since mapped pages count as the process's
@@ -130,7 +113,7 @@ def mapped(fd: int, offset: int, n: int) -> Iterator[Region | None]:
     where they are; on the 16-core H200 host 16 threads hashed cached files at 7 GB/s through
     16 MiB reads and 14 GB/s through populated mappings (`benchmarks/machine_limits.py`).
     MAP_POPULATE maps the window's pages in one call instead of one fault per few pages."""
-    lib = _libc()
+    lib = libc()
     if lib is None or n <= 0 or offset % mmap.PAGESIZE or not MAP_POPULATE:
         yield None
         return

@@ -14,13 +14,13 @@ and the loader keeps its portable path).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
-from functools import cache
 
 import numpy as np
 import torch
+
+from moepack.libc import libc
 
 PAGE = mmap.PAGESIZE
 SAMPLE_WINDOWS = 256
@@ -28,28 +28,6 @@ WINDOW_PAGES = 16
 """`resident_fraction` samples ranges larger than SAMPLE_WINDOWS x WINDOW_PAGES pages."""
 CUDA_HOST_REGISTER_READ_ONLY = 0x08
 """`cudaHostRegisterReadOnly`: the pages are only read by the device (needed for PROT_READ)."""
-
-
-@cache
-def libc() -> ctypes.CDLL | None:
-    """libc with the prototypes used here, or None where there is no usable one."""
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    except (OSError, AttributeError):
-        return None
-    return lib
 
 
 class Mapping:
