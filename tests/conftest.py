@@ -10,6 +10,8 @@ conversion once. Builds are shared: a test that damages one must copy it first.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import types
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -39,6 +41,17 @@ ARTIFACTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gated": ("gated", {"b12x_scales": "baked"}),
     "gated-untied": ("gated-untied", {"b12x_scales": "shared"}),
 }
+
+
+def run_moepack(*args: object, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m moepack ARGS` in a child process with `env`, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "moepack", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 class ArtifactFactory:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import socket
 import threading
 import time
@@ -249,6 +250,16 @@ class FakeHub:
         if self._cdn_server is None:
             raise RuntimeError("FakeHub is not running")
         return f"http://127.0.0.1:{self._cdn_server.server_address[1]}"
+
+    def client_env(self, home: Path) -> dict[str, str]:
+        """The environment of a child process that talks to this hub: this one's, without any
+        HF_*/HUGGING* setting of the user's, with HF_ENDPOINT here and HF_HOME at `home`."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+        return env | {
+            "HF_ENDPOINT": self.endpoint,
+            "HF_HOME": str(home),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
 
     # ------------------------------------------------------------------ repos
     def add_repo(

@@ -7,12 +7,9 @@ checkpoint: the CLI runs exactly as a user would run it, with HF_ENDPOINT pointi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_moepack
 from fake_hub import FakeHub
 
 from moepack.convert.pipeline import convert_checkpoint
@@ -23,36 +20,19 @@ pytestmark = pytest.mark.usefixtures("isolated_hf")
 SUPER_REPO = "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4"
 
 
-def _env(hub: FakeHub, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    return env | {
-        "HF_ENDPOINT": hub.endpoint,
-        "HF_HOME": str(home),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
-
-
 def test_cli_alias_through_hub_matches_local_conversion(checkpoints, by_mode, tmp_path):
     with FakeHub() as hub:
         commit = hub.add_repo(SUPER_REPO, checkpoints["super"])
         out = tmp_path / "art"
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "moepack",
-                "convert",
-                "nemotron-super-nvfp4",
-                "--target",
-                "sm120",
-                "-o",
-                str(out),
-                "--json",
-            ],
-            env=_env(hub, tmp_path / "hf"),
-            capture_output=True,
-            text=True,
-            timeout=300,
+        res = run_moepack(
+            "convert",
+            "nemotron-super-nvfp4",
+            "--target",
+            "sm120",
+            "-o",
+            str(out),
+            "--json",
+            env=hub.client_env(tmp_path / "hf"),
         )
         assert res.returncode == 0, res.stderr
         summary = json.loads(res.stdout)
@@ -94,22 +74,14 @@ def test_corrupted_shard_is_refused_with_a_clear_error(checkpoints, tmp_path):
     with FakeHub() as hub:
         hub.add_repo("acme/super", checkpoints["super"])
         hub.corrupt("model-00002-of-00003.safetensors")
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "moepack",
-                "convert",
-                "acme/super",
-                "--target",
-                "sm120",
-                "-o",
-                str(tmp_path / "o"),
-            ],
-            env=_env(hub, tmp_path / "hf"),
-            capture_output=True,
-            text=True,
-            timeout=300,
+        res = run_moepack(
+            "convert",
+            "acme/super",
+            "--target",
+            "sm120",
+            "-o",
+            str(tmp_path / "o"),
+            env=hub.client_env(tmp_path / "hf"),
         )
     assert res.returncode == 2
     assert "model-00002-of-00003.safetensors" in res.stderr and "sha256" in res.stderr

@@ -9,7 +9,6 @@ whole download.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_moepack
 from fake_hub import FakeHub
 
 from moepack.convert import pipeline, prefetch
@@ -168,11 +168,6 @@ def test_a_header_that_differs_from_the_download_is_refused(checkpoints, tmp_pat
     assert not (tmp_path / "art" / "manifest.json").exists()
 
 
-def _env(hub: FakeHub, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    return env | {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home)}
-
-
 def test_corrupted_last_shard_fails_cleanly_and_a_rerun_keeps_layer_1(
     checkpoints, by_mode, tmp_path
 ):
@@ -180,22 +175,14 @@ def test_corrupted_last_shard_fails_cleanly_and_a_rerun_keeps_layer_1(
     with FakeHub() as hub:
         hub.add_repo("acme/super", checkpoints["super"])
         hub.corrupt(LAST)
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "moepack",
-                "convert",
-                "acme/super",
-                "--target",
-                "sm120",
-                "-o",
-                str(out),
-            ],
-            env=_env(hub, tmp_path / "hf"),
-            capture_output=True,
-            text=True,
-            timeout=300,
+        res = run_moepack(
+            "convert",
+            "acme/super",
+            "--target",
+            "sm120",
+            "-o",
+            str(out),
+            env=hub.client_env(tmp_path / "hf"),
         )
         assert res.returncode == 2, res.stderr
         assert LAST in res.stderr and "sha256" in res.stderr
@@ -253,7 +240,7 @@ def test_stopped_during_the_download_a_rerun_resumes_it_and_keeps_layer_1(
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD, "convert", "acme/super", "--target", "sm120"]
             + ["-o", str(out)],
-            env=_env(hub, home) | {"HF_HUB_DOWNLOAD_TIMEOUT": "120"},  # held, not timed out
+            env=hub.client_env(home) | {"HF_HUB_DOWNLOAD_TIMEOUT": "120"},  # held, not timed out
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
