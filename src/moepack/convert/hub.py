@@ -11,8 +11,8 @@ What this module adds:
   that moves mid-conversion cannot mix two revisions.
 * Every fetched file is hashed and compared with the Hub listing (LFS sha256, or the git blob
   sha1 for small files); a resumable transfer hashes its bytes as it writes them, so a shard is
-  not read back once it has arrived. A mismatch gets one forced refetch, then a ``HubError``; a bad blob is
-  evicted from the cache so nothing serves it later.
+  not read back once it has arrived. A mismatch gets one forced refetch, then a ``HubError``;
+  a bad blob is evicted from the cache so nothing serves it later.
 * Cross-call resume for LFS files served over plain HTTP: bytes go to
   ``blobs/<sha256>.part`` in the standard cache, which survives a killed process; the next call
   asks for ``Range: bytes=<size of .part>-``. The finished file is moved to ``blobs/<sha256>``
