@@ -382,9 +382,7 @@ class _HashingSink:
     def _hash_saved(self) -> Any:
         self._f.flush()
         sha256 = hashlib.sha256()
-        with self._path.open("rb") as f:
-            while block := f.read(_HASH_BLOCK):
-                sha256.update(block)
+        _feed(self._path, sha256)
         return sha256
 
 
@@ -395,16 +393,20 @@ def _forwarding(bar: tqdm, stop: threading.Event | None = None) -> type[_Forward
 def _verify(path: Path, rf: RemoteFile) -> tuple[str, bool]:
     """Stream the file once: its sha256, and whether it matches the listing."""
     sha256 = hashlib.sha256()
+    if rf.sha256 is not None:
+        _feed(path, sha256)
+        return sha256.hexdigest(), sha256.hexdigest() == rf.sha256
     git = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    _feed(path, sha256, git)
+    return sha256.hexdigest(), rf.blob_id is None or git.hexdigest() == rf.blob_id
+
+
+def _feed(path: Path, *hashes: Any) -> None:
+    """Update every one of `hashes` with the bytes of `path`, read once."""
     with path.open("rb") as f:
         while block := f.read(_HASH_BLOCK):
-            sha256.update(block)
-            if rf.sha256 is None:
-                git.update(block)
-    digest = sha256.hexdigest()
-    if rf.sha256 is not None:
-        return digest, digest == rf.sha256
-    return digest, rf.blob_id is None or git.hexdigest() == rf.blob_id
+            for h in hashes:
+                h.update(block)
 
 
 def _explain(err: BaseException) -> str:
