@@ -1,8 +1,8 @@
-"""Dependency direction, from the source: the leaf modules (`errors`, `sizes`) import nothing of
-moepack, `format` only the leaves (and no torch), `runtime` builds on `format` and never on
-`convert`, engine integrations build on `runtime` (an engine loads artifacts, it does not
-convert), and nothing imports `cli`. Function-level imports count too: a lazy import is still
-a dependency."""
+"""Dependency direction, from the source: the leaf modules (`errors`, `libc`, `sizes`) import
+nothing of moepack, `format` only the leaves (and no torch), `runtime` builds on `format` and
+never on `convert`, engine integrations build on `runtime` (an engine loads artifacts, it does
+not convert), and nothing imports `cli`. Function-level imports count too: a lazy import is
+still a dependency."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-LEAVES = {"moepack.errors", "moepack.sizes"}
+LEAVES = {"moepack.errors", "moepack.libc", "moepack.sizes"}
 
 
 def _modules(sub: str) -> list[Path]:
